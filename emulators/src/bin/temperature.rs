@@ -1,1 +1,5 @@
-fn main() {}
+//! The `temperature` sensor emulator; see `emulators --help` for the flags.
+
+fn main() -> std::process::ExitCode {
+    emulators::cli::main(emulators::SensorKind::Temperature)
+}
