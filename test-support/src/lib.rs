@@ -1,0 +1,239 @@
+//! Integration-test harness shared by the daemons' `tests/`.
+//!
+//! Tests reach the services that `scripts/stack up` runs through the
+//! variables `scripts/stack env` prints (`TELEMETRY_*`, defaults equal to the
+//! stack's defaults). Each test gets its own Postgres database, ClickHouse
+//! database and MQTT topic prefix, so tests run in parallel. Tests that kill
+//! or restart a service get a [`PrivateService`] of their own.
+//!
+//! Missing services: under `CI=true` a test that needs one **fails**; on a
+//! developer machine it is skipped with a message naming `scripts/stack up`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// A service of the local stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Mosquitto.
+    Mqtt,
+    /// PostgreSQL.
+    Postgres,
+    /// ClickHouse (HTTP interface).
+    ClickHouse,
+}
+
+impl Service {
+    fn script_name(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mosquitto",
+            Self::Postgres => "postgres",
+            Self::ClickHouse => "clickhouse",
+        }
+    }
+}
+
+/// Where the shared stack's services listen.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// MQTT host.
+    pub mqtt_host: String,
+    /// MQTT port.
+    pub mqtt_port: u16,
+    /// Postgres port (host is 127.0.0.1, user postgres, trust auth).
+    pub pg_port: u16,
+    /// ClickHouse HTTP URL.
+    pub ch_url: String,
+    /// ClickHouse HTTP port.
+    pub ch_http_port: u16,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+impl Stack {
+    /// The stack as described by the environment (or its defaults).
+    #[must_use]
+    pub fn from_env() -> Self {
+        let ch_http_port = env_or("TELEMETRY_CH_HTTP_PORT", 28123);
+        Self {
+            mqtt_host: env_or("TELEMETRY_MQTT_HOST", "127.0.0.1".to_owned()),
+            mqtt_port: env_or("TELEMETRY_MQTT_PORT", 21883),
+            pg_port: env_or("TELEMETRY_PG_PORT", 25432),
+            ch_url: env_or("TELEMETRY_CH_URL", format!("http://127.0.0.1:{ch_http_port}")),
+            ch_http_port,
+        }
+    }
+
+    fn addr(&self, service: Service) -> SocketAddr {
+        let port = match service {
+            Service::Mqtt => self.mqtt_port,
+            Service::Postgres => self.pg_port,
+            Service::ClickHouse => self.ch_http_port,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// A Postgres connection string for `database`.
+    #[must_use]
+    pub fn pg_url(&self, database: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.pg_port)
+    }
+}
+
+/// Whether tests run under CI, where a missing service is a failure.
+#[must_use]
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The stack, if every service in `needs` answers. Otherwise: under CI a
+/// panic (the test fails), elsewhere `None` and a message (the test skips).
+///
+/// # Panics
+/// Under `CI=true` when a needed service does not answer.
+#[must_use]
+pub fn stack(needs: &[Service]) -> Option<Stack> {
+    let stack = Stack::from_env();
+    for &service in needs {
+        let addr = stack.addr(service);
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            let msg = format!("{service:?} does not answer on {addr}; run `scripts/stack up`");
+            assert!(!under_ci(), "{msg} (CI=true: a missing service fails the test)");
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+    }
+    Some(stack)
+}
+
+/// A name unique to this test run: `<tag>_<pid>_<random>`; safe as a
+/// database name and a topic level.
+#[must_use]
+pub fn unique_name(tag: &str) -> String {
+    format!("{tag}_{}_{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// A fresh MQTT topic prefix such as `/t_123_abcd/telemetry`.
+#[must_use]
+pub fn topic_prefix() -> String {
+    format!("/{}/telemetry", unique_name("t"))
+}
+
+/// Creates a fresh Postgres database and returns its connection string.
+///
+/// # Panics
+/// When Postgres refuses (the stack is up: this is a real failure).
+pub async fn fresh_pg_database(stack: &Stack) -> String {
+    let name = unique_name("test");
+    let (client, conn) = tokio_postgres::connect(&stack.pg_url("postgres"), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the stack's postgres");
+    let handle = tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    drop(client);
+    let _ = handle.await;
+    stack.pg_url(&name)
+}
+
+/// A TCP port that was free a moment ago.
+///
+/// # Panics
+/// When the OS has no free port.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The repository root (for `scripts/stack`).
+#[must_use]
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("test-support lives in the repo").to_path_buf()
+}
+
+/// A private instance of one service, in its own directory and port, that a
+/// test may stop, kill and restart. Stopped when dropped.
+#[derive(Debug)]
+pub struct PrivateService {
+    service: Service,
+    dir: PathBuf,
+    /// The main port (MQTT, Postgres, ClickHouse HTTP).
+    pub port: u16,
+    /// ClickHouse's native TCP port (0 for the others).
+    pub port2: u16,
+}
+
+impl PrivateService {
+    /// Starts a fresh instance and waits until it answers.
+    ///
+    /// # Panics
+    /// When the instance does not start (see its log under the directory).
+    #[must_use]
+    pub fn start(service: Service) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(&format!("private_{}", service.script_name())));
+        let port = free_port();
+        let port2 = if service == Service::ClickHouse { free_port() } else { 0 };
+        let me = Self { service, dir, port, port2 };
+        me.run("instance", true);
+        me
+    }
+
+    fn run(&self, command: &str, with_ports: bool) {
+        let mut cmd = Command::new(repo_root().join("scripts/stack"));
+        cmd.arg(command).arg(self.service.script_name()).arg(&self.dir);
+        if with_ports {
+            cmd.arg(self.port.to_string());
+            if self.port2 != 0 {
+                cmd.arg(self.port2.to_string());
+            }
+        }
+        let out = cmd.output().expect("run scripts/stack");
+        assert!(
+            out.status.success(),
+            "scripts/stack {command} {:?} failed: {}",
+            self.service,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it cleanly.
+    pub fn stop(&self) {
+        self.run("instance-stop", false);
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&self) {
+        self.run("instance-kill", false);
+    }
+
+    /// Starts it again on the same data and ports, waiting until it answers.
+    pub fn restart(&self) {
+        self.run("instance", true);
+    }
+
+    /// Postgres connection string (Postgres instances only).
+    #[must_use]
+    pub fn pg_url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    /// HTTP URL (ClickHouse instances only).
+    #[must_use]
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateService {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/stack"))
+            .arg("instance-stop")
+            .arg(self.service.script_name())
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
