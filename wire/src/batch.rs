@@ -97,6 +97,31 @@ impl Batch {
         Ok(batch)
     }
 
+    /// Reads only the header of a batch payload: `(client_id, range)`.
+    ///
+    /// The agent matches echoes of its own batches by header; decoding every
+    /// reading again would cost as much as the publish did. The header is
+    /// checked (version, client id, range order); the readings are not.
+    ///
+    /// # Errors
+    /// Any [`DecodeError`] about the version or the header fields.
+    pub fn decode_header(payload: &[u8], max: usize) -> Result<(String, crate::SeqRange), DecodeError> {
+        #[derive(Decode)]
+        struct Header {
+            client_id: String,
+            epoch: u64,
+            first_seq: u64,
+            last_seq: u64,
+        }
+        let body = split_version(payload, BATCH_VERSION, max)?;
+        let (h, _): (Header, usize) = bincode::decode_from_slice(body, crate::bincode_config())?;
+        validate_client_id(&h.client_id)?;
+        if h.first_seq > h.last_seq {
+            return Err(DecodeError::InvalidHeader(format!("seq range {}..={} is inverted", h.first_seq, h.last_seq)));
+        }
+        Ok((h.client_id, crate::SeqRange { epoch: h.epoch, first_seq: h.first_seq, last_seq: h.last_seq }))
+    }
+
     /// Checks the invariants [`Batch::decode`] guarantees.
     ///
     /// # Errors
@@ -166,6 +191,13 @@ mod tests {
         assert!(matches!(Batch::decode(&b.encode(), 1 << 20), Err(DecodeError::InvalidHeader(_))));
         b.first_seq = 13; // first > last
         assert!(matches!(Batch::decode(&b.encode(), 1 << 20), Err(DecodeError::InvalidHeader(_))));
+    }
+
+    #[test]
+    fn the_header_alone_can_be_read() {
+        let b = batch();
+        assert_eq!(Batch::decode_header(&b.encode(), 1 << 20), Ok(("dev-1".to_owned(), b.range())));
+        assert_eq!(Batch::decode_header(&b.encode()[..20], 1 << 20), Err(DecodeError::Truncated));
     }
 
     #[test]
