@@ -1,1 +1,45 @@
-fn main() {}
+//! `ingest-server`: parses flags, loads the configuration, installs logging
+//! and signal handling, and calls [`ingest_server::run`].
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("unknown log format {other:?} (text or json)"),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = ingest_server::config::Cli::parse();
+    init_logging(&cli.log_format)?;
+    let config = cli.load().context("loading configuration")?;
+    tracing::info!(?config, "starting");
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::error!(%error, "cannot install SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("ctrl-c: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        signals.cancel();
+    });
+    ingest_server::run(config, shutdown).await.context("ingest server")?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Completes stored jobs **in the order they were flushed**: updates the
+//! dedup state, PUBACKs the messages, then publishes one ingest ack per
+//! client naming the exact ranges that are stored.
+//!
+//! # Invariants
+//! - Nothing is PUBACKed or acked before its job's inserts returned.
+//! - Jobs complete in flush order, so a duplicate whose first copy sits in an
+//!   earlier in-flight job is acked only after that job is stored.
+//! - An ack names `message range ∩ stored`, computed after this job's ranges
+//!   were marked stored: never a seq that is not in ClickHouse.
+//! - An abandoned job (shutdown deadline while ClickHouse was down) is not
+//!   acked at all; the broker redelivers it to the persistent session.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rumqttc::{AsyncClient, QoS};
+use telemetry_wire::{IngestAck, SeqRange};
+use tokio::sync::mpsc;
+
+use crate::batcher::InFlight;
+use crate::dedup::DedupState;
+use crate::metrics::Metrics;
+use crate::rollup::Touched;
+use crate::subscriber::Topics;
+
+/// Everything the acker needs.
+#[derive(Debug)]
+pub struct Acker {
+    /// The MQTT client (acks go through its request channel).
+    pub client: AsyncClient,
+    /// Shared with the batcher.
+    pub dedup: Arc<Mutex<DedupState>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Topic layout.
+    pub topics: Topics,
+    /// Second rollup pass, if enabled.
+    pub settle_tx: Option<mpsc::Sender<Touched>>,
+}
+
+impl Acker {
+    /// Completes in-flight jobs until the channel closes.
+    pub async fn run(self, mut rx: mpsc::Receiver<InFlight>) {
+        while let Some((handle, permit)) = rx.recv().await {
+            let outcome = match handle.await {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    // The store task panicked or was aborted: its messages stay unacked.
+                    tracing::error!(%error, "insert task failed; its messages are left for redelivery");
+                    self.metrics.inflight_inserts.dec();
+                    drop(permit);
+                    continue;
+                }
+            };
+            self.metrics.inflight_inserts.dec();
+            let job = outcome.job;
+            if outcome.abandoned {
+                tracing::warn!(messages = job.messages.len(), "batch abandoned at shutdown; left for redelivery");
+                self.release(&job);
+                drop(permit);
+                continue;
+            }
+            let acks = {
+                // Invariant: plain map operations; see batcher.
+                let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+                for part in &job.parts {
+                    for &(lo, hi) in &part.fresh {
+                        if outcome.stored {
+                            dedup.mark_stored(&part.batch.client_id, part.batch.epoch, lo, hi);
+                        } else {
+                            dedup.release(&part.batch.client_id, part.batch.epoch, lo, hi);
+                        }
+                    }
+                }
+                let mut per_client: BTreeMap<&str, Vec<SeqRange>> = BTreeMap::new();
+                for item in &job.acks {
+                    let r = item.range;
+                    for (first_seq, last_seq) in dedup.stored_within(&item.client_id, r.epoch, r.first_seq, r.last_seq)
+                    {
+                        per_client.entry(&item.client_id).or_default().push(SeqRange {
+                            epoch: r.epoch,
+                            first_seq,
+                            last_seq,
+                        });
+                    }
+                }
+                per_client.into_iter().map(|(c, ranges)| (c.to_owned(), merge(ranges))).collect::<Vec<_>>()
+            };
+            // PUBACK first: the broker may forget these messages now.
+            for publish in &job.messages {
+                if let Err(error) = self.client.ack(publish).await {
+                    tracing::error!(%error, "cannot queue PUBACK");
+                }
+                self.metrics.acked_messages.inc();
+                self.metrics.unacked_messages.dec();
+            }
+            for (client_id, ranges) in acks {
+                let payload = IngestAck { ranges }.encode();
+                match self.client.publish(self.topics.ack(&client_id), QoS::AtLeastOnce, false, payload).await {
+                    Ok(()) => {
+                        self.metrics.acks_published.inc();
+                    }
+                    Err(error) => tracing::error!(%error, %client_id, "cannot queue ingest ack"),
+                }
+            }
+            self.metrics.batches.inc();
+            tracing::debug!(messages = job.messages.len(), rows = job.rows, stored = outcome.stored, "batch acked");
+            if let (Some(tx), Some(touched)) = (&self.settle_tx, job.touched) {
+                if tx.try_send(touched).is_err() {
+                    tracing::debug!("second rollup pass is busy; minutes rely on the first pass");
+                }
+            }
+            drop(permit);
+        }
+    }
+
+    fn release(&self, job: &crate::batcher::Job) {
+        let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+        for part in &job.parts {
+            for &(lo, hi) in &part.fresh {
+                dedup.release(&part.batch.client_id, part.batch.epoch, lo, hi);
+            }
+        }
+    }
+}
+
+/// Sorts ranges and merges overlapping or adjacent ones of the same epoch.
+#[must_use]
+pub fn merge(mut ranges: Vec<SeqRange>) -> Vec<SeqRange> {
+    ranges.sort();
+    let mut out: Vec<SeqRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.epoch == r.epoch && last.last_seq.saturating_add(1) >= r.first_seq => {
+                last.last_seq = last.last_seq.max(r.last_seq);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(epoch: u64, a: u64, b: u64) -> SeqRange {
+        SeqRange { epoch, first_seq: a, last_seq: b }
+    }
+
+    #[test]
+    fn adjacent_ranges_of_one_epoch_merge_and_others_stay() {
+        let merged = merge(vec![r(1, 11, 20), r(1, 1, 10), r(2, 21, 30), r(1, 30, 40)]);
+        assert_eq!(merged, vec![r(1, 1, 20), r(1, 30, 40), r(2, 21, 30)]);
+    }
+}

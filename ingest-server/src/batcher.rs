@@ -1,0 +1,259 @@
+//! The batcher: decodes each message, deduplicates it against the stored and
+//! claimed seq ranges, and gathers messages into a [`Job`] that it flushes to
+//! a writer task.
+//!
+//! # Flush rules
+//! A job is flushed when it holds `batch_max_rows` new readings, or
+//! `batch_max_messages` unacked messages (the broker stops sending at its
+//! `max_inflight_messages`, so waiting for rows alone could stall), or
+//! `batch_max_delay_ms` after its first message, or at shutdown.
+//!
+//! # Bounded memory
+//! At most `max_inflight_inserts` jobs are being stored at once (a
+//! semaphore). When all permits are taken the batcher stops reading its
+//! channel, the channel fills, the MQTT poll task stops polling, and the
+//! broker holds the rest. Memory is bounded by
+//! `(max_inflight_inserts + 1) * batch_max_messages` messages plus the
+//! channel.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::Publish;
+use telemetry_wire::{AgentStatus, Batch, SeqRange};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::deadletter::{unix_seconds, DeadLetter};
+use crate::dedup::DedupState;
+use crate::metrics::{KindLabel, Metrics};
+use crate::rollup::Touched;
+use crate::subscriber::{Inbound, TopicKind, Topics};
+use crate::writer::{Outcome, Writer};
+
+/// A decoded batch and the seqs of it that are new (to insert).
+#[derive(Debug)]
+pub struct BatchPart {
+    /// The decoded batch.
+    pub batch: Batch,
+    /// Ranges of it nobody stored or claimed before (non-empty).
+    pub fresh: Vec<(u64, u64)>,
+    /// Index of its message in [`Job::messages`].
+    pub message: usize,
+}
+
+/// What an ack on `<prefix>/ack/<client_id>` should confirm once stored.
+#[derive(Debug, Clone)]
+pub struct AckItem {
+    /// The device.
+    pub client_id: String,
+    /// The batch's whole range; the ack names the stored part of it.
+    pub range: SeqRange,
+}
+
+/// Messages gathered for one insert.
+#[derive(Debug, Default)]
+pub struct Job {
+    /// Every message, to PUBACK once the job is stored.
+    pub messages: Vec<Publish>,
+    /// New readings, per batch.
+    pub parts: Vec<BatchPart>,
+    /// Ranges to confirm to agents.
+    pub acks: Vec<AckItem>,
+    /// Agent statuses and their receive time.
+    pub statuses: Vec<(AgentStatus, u32)>,
+    /// Messages for `ingest_errors`.
+    pub dead: Vec<DeadLetter>,
+    /// New readings in [`Job::parts`].
+    pub rows: usize,
+    /// Minutes the insert touched (set by the writer once stored).
+    pub touched: Option<Touched>,
+    opened: Option<Instant>,
+}
+
+impl Job {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
+/// A job being stored and the permit it holds.
+pub type InFlight = (JoinHandle<Outcome>, OwnedSemaphorePermit);
+
+/// The batcher's state.
+#[derive(Debug)]
+pub struct Batcher {
+    topics: Topics,
+    max_payload: usize,
+    max_rows: usize,
+    max_messages: usize,
+    max_delay: Duration,
+    dedup: Arc<Mutex<DedupState>>,
+    metrics: Arc<Metrics>,
+    writer: Arc<Writer>,
+    permits: Arc<Semaphore>,
+    inflight_tx: mpsc::Sender<InFlight>,
+    hard_stop: CancellationToken,
+}
+
+impl Batcher {
+    /// A batcher feeding `writer`, handing in-flight jobs to the acker via `inflight_tx`.
+    #[must_use]
+    pub fn new(
+        config: &Config,
+        dedup: Arc<Mutex<DedupState>>,
+        metrics: Arc<Metrics>,
+        writer: Arc<Writer>,
+        inflight_tx: mpsc::Sender<InFlight>,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Self {
+            topics: Topics::new(&config.topic_prefix),
+            max_payload: config.max_payload_bytes,
+            max_rows: config.batch_max_rows,
+            max_messages: config.batch_max_messages,
+            max_delay: Duration::from_millis(config.batch_max_delay_ms),
+            dedup,
+            metrics,
+            writer,
+            permits: Arc::new(Semaphore::new(config.max_inflight_inserts)),
+            inflight_tx,
+            hard_stop,
+        }
+    }
+
+    /// Reads `rx` until `shutdown` (or the channel closes), then flushes.
+    pub async fn run(self, mut rx: mpsc::Receiver<Inbound>, shutdown: CancellationToken) {
+        let mut job = Job::default();
+        loop {
+            let deadline =
+                job.opened.map_or_else(|| Instant::now() + Duration::from_secs(3600), |t| t + self.max_delay);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(deadline), if job.opened.is_some() => {
+                    self.flush(&mut job).await;
+                }
+                inbound = rx.recv() => match inbound {
+                    None => break,
+                    Some(Inbound::Connected { session_present }) => {
+                        tracing::debug!(session_present, "batcher sees a (re)connection");
+                    }
+                    Some(Inbound::Publish(publish)) => {
+                        self.accept(&mut job, publish);
+                        if job.rows >= self.max_rows || job.messages.len() >= self.max_messages {
+                            self.flush(&mut job).await;
+                        }
+                    }
+                },
+            }
+        }
+        self.flush(&mut job).await;
+        tracing::debug!("batcher stopped");
+    }
+
+    /// Hands the job to a writer task (waiting for a permit: back-pressure).
+    async fn flush(&self, job: &mut Job) {
+        if job.is_empty() {
+            return;
+        }
+        let permit = tokio::select! {
+            () = self.hard_stop.cancelled() => return,
+            permit = self.permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return, // closed: shutting down
+            },
+        };
+        let job = std::mem::take(job);
+        self.metrics.batch_rows.observe(job.rows as f64);
+        self.metrics.inflight_inserts.inc();
+        tracing::debug!(messages = job.messages.len(), rows = job.rows, dead = job.dead.len(), "flushing batch");
+        let handle = tokio::spawn(self.writer.clone().store(job));
+        if self.inflight_tx.send((handle, permit)).await.is_err() {
+            tracing::error!("acker is gone; batch will not be acked (redelivered later)");
+        }
+    }
+
+    /// Decodes and sorts one message into `job`.
+    fn accept(&self, job: &mut Job, publish: Publish) {
+        self.metrics.unacked_messages.inc();
+        if job.opened.is_none() {
+            job.opened = Some(Instant::now());
+        }
+        let index = job.messages.len();
+        match self.topics.classify(&publish.topic) {
+            TopicKind::Client(client_id) => {
+                self.count("batch");
+                match Batch::decode(&publish.payload, self.max_payload) {
+                    Err(error) => {
+                        job.dead.push(dead(&publish, client_id, error.kind(), error.to_string()));
+                    }
+                    Ok(batch) if batch.client_id != client_id => {
+                        let error = format!("payload client id {:?} is not the topic's {client_id:?}", batch.client_id);
+                        job.dead.push(dead(&publish, client_id, "client_id_mismatch", error));
+                    }
+                    Ok(batch) => self.accept_batch(job, batch, index),
+                }
+            }
+            TopicKind::Status(client_id) => {
+                self.count("status");
+                if publish.payload.is_empty() {
+                    // A cleared retained status: nothing to store.
+                } else {
+                    match AgentStatus::decode(&publish.payload) {
+                        Ok(status) if status.client_id == client_id => job.statuses.push((status, unix_seconds())),
+                        Ok(status) => {
+                            let error =
+                                format!("status client id {:?} is not the topic's {client_id:?}", status.client_id);
+                            job.dead.push(dead(&publish, client_id, "client_id_mismatch", error));
+                        }
+                        Err(error) => job.dead.push(dead(&publish, client_id, "bad_status", error.to_string())),
+                    }
+                }
+            }
+            TopicKind::Other => {
+                self.count("other");
+                job.dead.push(dead(&publish, "", "unknown_topic", "topic outside the layout".into()));
+            }
+        }
+        job.messages.push(publish);
+    }
+
+    fn accept_batch(&self, job: &mut Job, batch: Batch, index: usize) {
+        let total = batch.readings.len();
+        self.metrics.received_readings.inc_by(total as u64);
+        let fresh = {
+            // Invariant: the lock is only held for plain map operations that
+            // do not panic; a poisoned lock still holds consistent data.
+            let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+            dedup.claim(&batch.client_id, batch.epoch, batch.first_seq, batch.last_seq)
+        };
+        let new: u64 = fresh.iter().map(|(a, b)| b - a + 1).sum();
+        let duplicates = total as u64 - new;
+        if duplicates > 0 {
+            self.metrics.duplicate_readings.inc_by(duplicates);
+            tracing::debug!(client_id = %batch.client_id, epoch = batch.epoch, first_seq = batch.first_seq,
+                last_seq = batch.last_seq, duplicates, "duplicate readings skipped");
+        }
+        job.acks.push(AckItem { client_id: batch.client_id.clone(), range: batch.range() });
+        if new == 0 {
+            self.metrics.duplicate_messages.inc();
+            return;
+        }
+        job.rows += new as usize;
+        job.parts.push(BatchPart { batch, fresh, message: index });
+    }
+
+    fn count(&self, kind: &str) {
+        self.metrics.received_messages.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+}
+
+fn dead(publish: &Publish, client_id: &str, reason: &'static str, error: String) -> DeadLetter {
+    tracing::warn!(topic = %publish.topic, reason, %error, bytes = publish.payload.len(), "dead letter");
+    DeadLetter::now(&publish.topic, client_id, reason, error, Bytes::clone(&publish.payload))
+}

@@ -1,0 +1,384 @@
+//! Configuration: a TOML file, then `INGEST_<KEY>` environment variables, then
+//! command-line flags (each later source overrides the earlier ones). With no
+//! file at all the defaults run against `scripts/stack`.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A secret (password): never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for handing to a client library.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is empty (no password).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(\"\")" } else { "Secret(***)" })
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Everything the ingest server can be told. Keys are flat so that each has
+/// an obvious environment variable (`INGEST_` + upper case) and flag
+/// (`--` + kebab case).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// MQTT broker host.
+    pub mqtt_host: String,
+    /// MQTT broker port.
+    pub mqtt_port: u16,
+    /// MQTT client id. Fixed, because the broker keeps this id's persistent
+    /// session (subscriptions and unacknowledged messages) across restarts;
+    /// every ingest server needs its own.
+    pub mqtt_client_id: String,
+    /// MQTT user name (empty: connect without credentials).
+    pub mqtt_username: String,
+    /// MQTT password.
+    pub mqtt_password: Secret,
+    /// MQTT keep-alive in seconds. While ClickHouse is down the server stops
+    /// polling the broker (back-pressure); the broker may then drop the
+    /// connection after 1.5 keep-alives, which loses nothing (persistent
+    /// session, redelivery, deduplication).
+    pub mqtt_keep_alive_secs: u64,
+    /// Topic prefix: batches arrive on `<prefix>/client/<client_id>`, acks
+    /// go to `<prefix>/ack/<client_id>`, status on `<prefix>/status/<client_id>`.
+    pub topic_prefix: String,
+    /// Shared-subscription group: when set, batches are subscribed as
+    /// `$share/<group>/<prefix>/client/+` so several servers split the load.
+    pub shared_group: Option<String>,
+    /// Largest accepted MQTT packet / batch payload in bytes (both directions).
+    pub max_payload_bytes: usize,
+    /// ClickHouse HTTP URL.
+    pub clickhouse_url: String,
+    /// ClickHouse database holding every table (created if missing).
+    pub clickhouse_database: String,
+    /// ClickHouse user.
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    pub clickhouse_password: Secret,
+    /// Retention of raw readings in days (0: keep forever). Applied as a
+    /// table TTL on ClickHouse versions that have TTL (not 18.16).
+    pub retention_days: u32,
+    /// Flush a batch when it holds this many new readings.
+    pub batch_max_rows: usize,
+    /// Flush a batch at the latest this many milliseconds after its first message.
+    pub batch_max_delay_ms: u64,
+    /// Flush a batch when it holds this many MQTT messages not yet acked.
+    /// Keep it at or below the broker's `max_inflight_messages` (when that
+    /// is not 0), otherwise the broker stops sending before a flush triggers
+    /// and every batch waits for the timer.
+    pub batch_max_messages: usize,
+    /// Inserts (batches) in flight at once; beyond it the server stops pulling.
+    pub max_inflight_inserts: usize,
+    /// Capacity of the channel between the MQTT event loop and the batcher.
+    pub channel_capacity: usize,
+    /// First retry delay after a failed insert, in milliseconds.
+    pub retry_min_ms: u64,
+    /// Longest retry delay, in milliseconds (exponential backoff with jitter).
+    pub retry_max_ms: u64,
+    /// Timeout of one ClickHouse request, in seconds.
+    pub insert_timeout_secs: u64,
+    /// Seconds after which the minutes an insert touched are recomputed in
+    /// the rollup a second time (covers concurrent inserts by other servers);
+    /// 0 disables the second pass.
+    pub rollup_settle_secs: u64,
+    /// On shutdown, how long to keep trying to flush and ack, in seconds.
+    pub shutdown_timeout_secs: u64,
+    /// Address of the HTTP listener for `/metrics` and `/healthz`
+    /// (empty: no listener).
+    pub http_address: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mqtt_host: "127.0.0.1".into(),
+            mqtt_port: 21883,
+            mqtt_client_id: "ingest-server".into(),
+            mqtt_username: String::new(),
+            mqtt_password: Secret::default(),
+            mqtt_keep_alive_secs: 30,
+            topic_prefix: "/telemetry".into(),
+            shared_group: None,
+            max_payload_bytes: 16 << 20,
+            clickhouse_url: "http://127.0.0.1:28123".into(),
+            clickhouse_database: "telemetry".into(),
+            clickhouse_user: "default".into(),
+            clickhouse_password: Secret::default(),
+            retention_days: 0,
+            batch_max_rows: 100_000,
+            batch_max_delay_ms: 1000,
+            batch_max_messages: 1000,
+            max_inflight_inserts: 2,
+            channel_capacity: 1024,
+            retry_min_ms: 100,
+            retry_max_ms: 5000,
+            insert_timeout_secs: 60,
+            rollup_settle_secs: 10,
+            shutdown_timeout_secs: 30,
+            http_address: String::new(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`].
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid {key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+impl Config {
+    /// Reads a TOML file (missing keys take their defaults).
+    ///
+    /// # Errors
+    /// Unreadable file, bad TOML, unknown keys.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Bad TOML or unknown keys.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks values that would only fail later, obscurely.
+    ///
+    /// # Errors
+    /// The first invalid key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let db = &self.clickhouse_database;
+        let ident_ok = db.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ident_ok {
+            return Err(invalid("clickhouse_database", "must match [A-Za-z_][A-Za-z0-9_]*"));
+        }
+        if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
+            return Err(invalid("topic_prefix", "must be non-empty, without wildcards and without a trailing '/'"));
+        }
+        if let Some(group) = &self.shared_group {
+            if group.is_empty() || group.contains(['/', '+', '#']) {
+                return Err(invalid("shared_group", "must be non-empty, without '/', '+' or '#'"));
+            }
+        }
+        if self.mqtt_client_id.is_empty() {
+            return Err(invalid("mqtt_client_id", "must not be empty"));
+        }
+        for (key, value) in [
+            ("batch_max_rows", self.batch_max_rows),
+            ("batch_max_messages", self.batch_max_messages),
+            ("max_inflight_inserts", self.max_inflight_inserts),
+            ("channel_capacity", self.channel_capacity),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_payload_bytes > telemetry_wire::MAX_PAYLOAD_BYTES {
+            return Err(invalid("max_payload_bytes", format!("at most {}", telemetry_wire::MAX_PAYLOAD_BYTES)));
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
+            return Err(invalid("retry_min_ms", "must be > 0 and <= retry_max_ms"));
+        }
+        Ok(())
+    }
+}
+
+/// Command-line flags; each also reads `INGEST_<KEY>` from the environment
+/// (clap gives the flag precedence over the variable). Unset ones leave the
+/// file's (or default) value alone.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "ingest-server", version, about = "MQTT -> ClickHouse telemetry ingest")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "INGEST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "INGEST_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+macro_rules! overrides {
+    ($($field:ident : $ty:ty => $env:literal),* $(,)?) => {
+        /// Per-key overrides (flag or environment variable).
+        #[derive(Debug, Default, clap::Args)]
+        pub struct Overrides {
+            $(
+                #[doc = concat!("Overrides `", stringify!($field), "` (see the config file reference).")]
+                #[arg(long, env = $env)]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl Overrides {
+            /// Applies every set override to `config`.
+            pub fn apply(self, config: &mut Config) {
+                $( if let Some(v) = self.$field { config.$field = v.into(); } )*
+            }
+        }
+    };
+}
+
+overrides! {
+    mqtt_host: String => "INGEST_MQTT_HOST",
+    mqtt_port: u16 => "INGEST_MQTT_PORT",
+    mqtt_client_id: String => "INGEST_MQTT_CLIENT_ID",
+    mqtt_username: String => "INGEST_MQTT_USERNAME",
+    mqtt_password: Secret => "INGEST_MQTT_PASSWORD",
+    mqtt_keep_alive_secs: u64 => "INGEST_MQTT_KEEP_ALIVE_SECS",
+    topic_prefix: String => "INGEST_TOPIC_PREFIX",
+    shared_group: String => "INGEST_SHARED_GROUP",
+    max_payload_bytes: usize => "INGEST_MAX_PAYLOAD_BYTES",
+    clickhouse_url: String => "INGEST_CLICKHOUSE_URL",
+    clickhouse_database: String => "INGEST_CLICKHOUSE_DATABASE",
+    clickhouse_user: String => "INGEST_CLICKHOUSE_USER",
+    clickhouse_password: Secret => "INGEST_CLICKHOUSE_PASSWORD",
+    retention_days: u32 => "INGEST_RETENTION_DAYS",
+    batch_max_rows: usize => "INGEST_BATCH_MAX_ROWS",
+    batch_max_delay_ms: u64 => "INGEST_BATCH_MAX_DELAY_MS",
+    batch_max_messages: usize => "INGEST_BATCH_MAX_MESSAGES",
+    max_inflight_inserts: usize => "INGEST_MAX_INFLIGHT_INSERTS",
+    channel_capacity: usize => "INGEST_CHANNEL_CAPACITY",
+    retry_min_ms: u64 => "INGEST_RETRY_MIN_MS",
+    retry_max_ms: u64 => "INGEST_RETRY_MAX_MS",
+    insert_timeout_secs: u64 => "INGEST_INSERT_TIMEOUT_SECS",
+    rollup_settle_secs: u64 => "INGEST_ROLLUP_SETTLE_SECS",
+    shutdown_timeout_secs: u64 => "INGEST_SHUTDOWN_TIMEOUT_SECS",
+    http_address: String => "INGEST_HTTP_ADDRESS",
+}
+
+impl Cli {
+    /// File (or defaults), then environment and flags, validated.
+    ///
+    /// # Errors
+    /// See [`Config::from_file`] and [`Config::validate`].
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        self.overrides.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_stack() {
+        let c = Config::default();
+        c.validate().expect("defaults validate");
+        assert_eq!(c.mqtt_port, 21883);
+        assert_eq!(c.clickhouse_url, "http://127.0.0.1:28123");
+        assert_eq!(c.topic_prefix, "/telemetry");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::from_toml("mqtt_hots = \"x\"").is_err());
+        let c = Config::from_toml("mqtt_port = 1884\nshared_group = \"ingest\"").expect("valid toml");
+        assert_eq!(c.mqtt_port, 1884);
+        assert_eq!(c.shared_group.as_deref(), Some("ingest"));
+        assert_eq!(c.batch_max_rows, Config::default().batch_max_rows);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("ingest_cfg_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("ingest.toml");
+        std::fs::write(&path, "mqtt_port = 1000\nbatch_max_rows = 5\n").expect("write config");
+        let cli = Cli::try_parse_from([
+            "ingest-server",
+            "--config",
+            path.to_str().expect("utf-8 temp path"),
+            "--mqtt-port",
+            "2000",
+        ])
+        .expect("flags parse");
+        let c = cli.load().expect("config loads");
+        assert_eq!(c.mqtt_port, 2000);
+        assert_eq!(c.batch_max_rows, 5);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config { clickhouse_password: Secret::new("hunter2"), ..Config::default() };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = Config { clickhouse_database: "a-b".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "clickhouse_database", .. })));
+        let c = Config { topic_prefix: "/t/#".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "topic_prefix", .. })));
+    }
+}

@@ -1,0 +1,212 @@
+//! The ingest server: MQTT batch payloads into ClickHouse, acknowledged only
+//! after they are stored, deduplicated by exact seq ranges, with dead letters.
+//!
+//! ```text
+//! broker --poll task--> [bounded channel] --> batcher --(permit)--> writer tasks --> ClickHouse
+//!                                               |  dedup claim          | in flush order
+//!                                               v                       v
+//!                                        (Job: messages,         acker: mark stored, PUBACK,
+//!                                         new readings,          publish <prefix>/ack/<client>
+//!                                         statuses, dead letters)
+//! ```
+//!
+//! # Layout
+//! - [`config`]: the configuration (TOML file, `INGEST_*` variables, flags).
+//! - [`subscriber`]: MQTT options, topic layout, the event-loop poll task.
+//! - [`batcher`]: decode, dedup claim, gather into jobs, flush rules.
+//! - [`writer`]: ClickHouse inserts with retry (retriable vs permanent errors).
+//! - [`acker`]: in-order completion: dedup update, PUBACK, ingest acks.
+//! - [`schema`]: DDL for ClickHouse 18.16 and current versions.
+//! - [`dedup`]: interval sets of stored `(client_id, epoch, seq)` ranges.
+//! - [`rollup`]: the exact 1-minute rollup, recomputed from deduplicated data.
+//! - [`deadletter`]: rows for `ingest_errors`.
+//! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/healthz`.
+//!
+//! The delivery rules (what is acked when) are at the top of [`acker`] and
+//! [`writer`]; `deploy/clickhouse-schema.md` documents the tables.
+
+pub mod acker;
+pub mod batcher;
+pub mod config;
+pub mod deadletter;
+pub mod dedup;
+pub mod http;
+pub mod metrics;
+pub mod rollup;
+pub mod schema;
+pub mod subscriber;
+pub mod writer;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, Secret};
+pub use metrics::Metrics;
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// ClickHouse refused the schema or the stored ranges permanently.
+    #[error("ClickHouse at start: {0}")]
+    Startup(#[from] writer::StoreError),
+    /// The HTTP listener could not bind.
+    #[error("HTTP listener on {address}: {source}")]
+    Http {
+        /// The configured address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the server until `shutdown` is cancelled, then flushes the pending
+/// batch, acks what was stored and returns.
+///
+/// # Errors
+/// Invalid configuration, a permanent ClickHouse error at start, or an
+/// HTTP address that cannot be bound. Runtime errors are retried or
+/// dead-lettered, never returned.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with_metrics(config, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// [`run`] with a caller-owned metrics registry (tests read its counters;
+/// an embedding program can serve it).
+///
+/// # Errors
+/// See [`run`].
+pub async fn run_with_metrics(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    config.validate()?;
+    let hard_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    // Shutdown starts a drain; its deadline is the hard stop.
+    {
+        let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+        let deadline = Duration::from_secs(config.shutdown_timeout_secs);
+        tracker.spawn(async move {
+            tokio::select! {
+                () = hard_stop.cancelled() => {}
+                () = shutdown.cancelled() => {
+                    tokio::select! {
+                        () = hard_stop.cancelled() => {}
+                        () = tokio::time::sleep(deadline) => {
+                            tracing::warn!("shutdown deadline passed; abandoning unstored batches");
+                            hard_stop.cancel();
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let result = serve(&config, metrics, &shutdown, &hard_stop, &tracker).await;
+    hard_stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+async fn serve(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), RunError> {
+    // Start-up retries stop at shutdown itself, not at its deadline.
+    let startup_stop = shutdown.clone();
+    let startup = writer::Writer::new(config, schema::Flavor::Legacy, metrics.clone(), startup_stop.clone());
+    let (version, flavor) = match startup.retry("version", || schema::detect(startup.client())).await {
+        Err(writer::StoreError::Stopped) => return Ok(()),
+        other => other?,
+    };
+    let tables = startup.tables().clone();
+    tracing::info!(%version, ?flavor, database = %tables.database, "ClickHouse detected");
+    match startup.retry("schema", || schema::ensure(startup.client(), flavor, &tables, config.retention_days)).await {
+        Err(writer::StoreError::Stopped) => return Ok(()),
+        other => other?,
+    }
+
+    let writer = Arc::new(writer::Writer::new(config, flavor, metrics.clone(), hard_stop.clone()));
+    let mut dedup = dedup::DedupState::new();
+    let loaded = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        loaded = writer.load_ranges() => match loaded {
+            Err(writer::StoreError::Stopped) => return Ok(()),
+            other => other?,
+        },
+    };
+    for r in &loaded {
+        dedup.load_stored(&r.client_id, r.epoch, r.first_seq, r.last_seq);
+    }
+    let (streams, intervals) = dedup.size();
+    tracing::info!(rows = loaded.len(), streams, intervals, "stored ranges loaded");
+    drop(loaded);
+    let dedup = Arc::new(Mutex::new(dedup));
+
+    if !config.http_address.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.http_address)
+            .await
+            .map_err(|source| RunError::Http { address: config.http_address.clone(), source })?;
+        tracing::info!(address = %config.http_address, "HTTP listener for /metrics and /healthz");
+        tracker.spawn(http::serve(listener, metrics.clone(), hard_stop.clone()));
+    }
+
+    let topics = subscriber::Topics::new(&config.topic_prefix);
+    let (client, eventloop) = subscriber::connect(config);
+    let (inbound_tx, inbound_rx) = mpsc::channel(config.channel_capacity);
+    let poll = tracker.spawn(subscriber::poll(
+        eventloop,
+        client.clone(),
+        topics.filters(config.shared_group.as_deref()),
+        inbound_tx,
+        shutdown.clone(),
+        hard_stop.clone(),
+        metrics.clone(),
+    ));
+
+    let settle_tx = if config.rollup_settle_secs > 0 {
+        let (tx, rx) = mpsc::channel(1024);
+        tracker.spawn(rollup::settle(
+            writer.clone(),
+            rx,
+            Duration::from_secs(config.rollup_settle_secs),
+            shutdown.clone(),
+            metrics.clone(),
+        ));
+        Some(tx)
+    } else {
+        None
+    };
+    let (inflight_tx, inflight_rx) = mpsc::channel(config.max_inflight_inserts);
+    let acker =
+        acker::Acker { client: client.clone(), dedup: dedup.clone(), metrics: metrics.clone(), topics, settle_tx };
+    let acker = tracker.spawn(acker.run(inflight_rx));
+    let batcher = batcher::Batcher::new(config, dedup, metrics, writer, inflight_tx, hard_stop.clone());
+    tracing::info!(client_id = %config.mqtt_client_id, prefix = %config.topic_prefix,
+        shared_group = ?config.shared_group, "ingest server running");
+    batcher.run(inbound_rx, shutdown.clone()).await;
+    // The batcher flushed and dropped its sender: the acker finishes the
+    // in-flight jobs (or sees them abandoned at the hard stop).
+    let _ = acker.await;
+    // Every PUBACK and ack is queued; DISCONNECT goes out after them.
+    if let Err(error) = client.try_disconnect() {
+        tracing::warn!(%error, "cannot queue MQTT disconnect");
+    }
+    tokio::select! {
+        _ = poll => {}
+        () = tokio::time::sleep(Duration::from_secs(5)) => tracing::warn!("MQTT disconnect did not complete in 5 s"),
+    }
+    tracing::info!("ingest server stopped");
+    Ok(())
+}

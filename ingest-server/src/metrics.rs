@@ -1,0 +1,216 @@
+//! Counters, gauges and histograms of the ingest server, in a
+//! `prometheus-client` registry. Every handle is public so tests read the
+//! values directly; [`Metrics::render`] gives the Prometheus text format for
+//! `/metrics`. All names start with `telemetry_ingest_`; labels come from small
+//! fixed sets (never a client id).
+
+use std::fmt;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set of [`Metrics::dead_letters`]: why a message was dead-lettered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A short fixed name, e.g. `truncated`, `client_id_mismatch`, `insert_permanent`.
+    pub reason: String,
+}
+
+/// Label set of [`Metrics::received_messages`]: what kind of topic.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `batch`, `status` or `other`.
+    pub kind: String,
+}
+
+/// Label set of [`Metrics::insert_retries`]: which table's insert was retried.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// Table name without database.
+    pub table: String,
+}
+
+/// Every metric of the ingest server.
+pub struct Metrics {
+    registry: Registry,
+    /// MQTT messages received, by kind.
+    pub received_messages: Family<KindLabel, Counter>,
+    /// Readings received in decoded batches (duplicates included).
+    pub received_readings: Counter,
+    /// Readings inserted into `readings`.
+    pub inserted_readings: Counter,
+    /// Readings skipped because their `(client_id, epoch, seq)` was stored or claimed.
+    pub duplicate_readings: Counter,
+    /// Batch messages all of whose readings were duplicates.
+    pub duplicate_messages: Counter,
+    /// Messages written to `ingest_errors`, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Failed ClickHouse requests that were retried, by table.
+    pub insert_retries: Family<TableLabel, Counter>,
+    /// Rollup recomputations that failed permanently (raw data unaffected).
+    pub rollup_errors: Counter,
+    /// MQTT messages PUBACKed.
+    pub acked_messages: Counter,
+    /// Ingest acks published on `<prefix>/ack/<client_id>`.
+    pub acks_published: Counter,
+    /// MQTT connection errors (each followed by a reconnect with backoff).
+    pub mqtt_connection_errors: Counter,
+    /// Batches (inserts) completed.
+    pub batches: Counter,
+    /// Time to insert one batch (readings, rollup, ranges), seconds.
+    pub insert_duration: Histogram,
+    /// New readings per flushed batch.
+    pub batch_rows: Histogram,
+    /// MQTT messages received but not yet PUBACKed (pending + in flight).
+    pub unacked_messages: Gauge,
+    /// Inserts in flight.
+    pub inflight_inserts: Gauge,
+    /// 1 while the broker has confirmed this connection's subscriptions.
+    pub subscribed: Gauge,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("telemetry_ingest");
+        let m = Self {
+            received_messages: Family::default(),
+            received_readings: Counter::default(),
+            inserted_readings: Counter::default(),
+            duplicate_readings: Counter::default(),
+            duplicate_messages: Counter::default(),
+            dead_letters: Family::default(),
+            insert_retries: Family::default(),
+            rollup_errors: Counter::default(),
+            acked_messages: Counter::default(),
+            acks_published: Counter::default(),
+            mqtt_connection_errors: Counter::default(),
+            batches: Counter::default(),
+            insert_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            unacked_messages: Gauge::default(),
+            inflight_inserts: Gauge::default(),
+            subscribed: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("received_messages", "MQTT messages received, by topic kind", m.received_messages.clone());
+        registry.register("received_readings", "Readings received in decoded batches", m.received_readings.clone());
+        registry.register("inserted_readings", "Readings inserted into ClickHouse", m.inserted_readings.clone());
+        registry.register(
+            "duplicate_readings",
+            "Readings dropped as duplicates by exact seq membership",
+            m.duplicate_readings.clone(),
+        );
+        registry.register(
+            "duplicate_messages",
+            "Batch messages dropped entirely as duplicates",
+            m.duplicate_messages.clone(),
+        );
+        registry.register("dead_letters", "Messages written to ingest_errors, by reason", m.dead_letters.clone());
+        registry.register("insert_retries", "ClickHouse requests retried, by table", m.insert_retries.clone());
+        registry.register("rollup_errors", "Rollup recomputations that failed permanently", m.rollup_errors.clone());
+        registry.register("acked_messages", "MQTT messages PUBACKed after their insert", m.acked_messages.clone());
+        registry.register("acks_published", "Ingest acks published to agents", m.acks_published.clone());
+        registry.register("mqtt_connection_errors", "MQTT connection errors", m.mqtt_connection_errors.clone());
+        registry.register("batches", "Batches completed (inserted and acked)", m.batches.clone());
+        registry.register_with_unit(
+            "insert_duration",
+            "Time to store one batch",
+            prometheus_client::registry::Unit::Seconds,
+            m.insert_duration.clone(),
+        );
+        registry.register("batch_rows", "New readings per batch", m.batch_rows.clone());
+        registry.register("unacked_messages", "MQTT messages held un-PUBACKed", m.unacked_messages.clone());
+        registry.register("inflight_inserts", "Batches being inserted", m.inflight_inserts.clone());
+        registry.register("subscribed", "1 while the broker confirmed the subscriptions", m.subscribed.clone());
+        Self { registry, ..m }
+    }
+
+    /// Total dead letters over all reasons.
+    #[must_use]
+    pub fn dead_letters_total(&self) -> u64 {
+        DEAD_LETTER_REASONS.iter().map(|r| self.dead_letters.get_or_create(&reason(r)).get()).sum()
+    }
+
+    /// Total insert retries over the main tables.
+    #[must_use]
+    pub fn insert_retries_total(&self) -> u64 {
+        ["readings", "readings_1m", "ingested_ranges", "ingest_errors", "agent_status"]
+            .iter()
+            .map(|t| self.insert_retries.get_or_create(&TableLabel { table: (*t).to_owned() }).get())
+            .sum()
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Invariant: encoding into a String only fails if fmt::Write fails,
+        // which String's implementation never does.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Every reason label [`Metrics::dead_letters`] uses.
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "empty",
+    "unknown_version",
+    "oversize",
+    "truncated",
+    "trailing_bytes",
+    "malformed",
+    "invalid_reading",
+    "invalid_header",
+    "client_id_mismatch",
+    "unknown_topic",
+    "bad_status",
+    "insert_permanent",
+    "other",
+];
+
+/// The label for `r`.
+#[must_use]
+pub fn reason(r: &str) -> ReasonLabel {
+    let r = if DEAD_LETTER_REASONS.contains(&r) { r } else { "other" };
+    ReasonLabel { reason: r.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_text_uses_the_namespace_and_total_suffix() {
+        let m = Metrics::new();
+        m.inserted_readings.inc_by(3);
+        m.dead_letters.get_or_create(&reason("truncated")).inc();
+        let text = m.render();
+        assert!(text.contains("telemetry_ingest_inserted_readings_total 3"), "{text}");
+        assert!(text.contains("telemetry_ingest_dead_letters_total{reason=\"truncated\"} 1"), "{text}");
+        assert!(text.contains("telemetry_ingest_insert_duration_seconds_bucket"), "{text}");
+        assert_eq!(m.dead_letters_total(), 1);
+    }
+
+    #[test]
+    fn unknown_reasons_fold_into_other() {
+        assert_eq!(reason("something new").reason, "other");
+    }
+}

@@ -1,0 +1,309 @@
+//! The ClickHouse schema, created at start, idempotently
+//! (`CREATE ... IF NOT EXISTS`), in one of two flavours picked from the
+//! server's version. `deploy/clickhouse-schema.md` explains every table.
+//!
+//! - [`Flavor::Legacy`] (ClickHouse < 20.3, e.g. Debian's 18.16): no
+//!   `DateTime64`, codecs or TTL. `ts` is an `Int64` of microseconds and a
+//!   `MATERIALIZED` `DateTime` column (`dt`) serves partitioning.
+//! - [`Flavor::Current`]: `ts` is `DateTime64(6, 'UTC')` with
+//!   `DoubleDelta`/`Gorilla` + ZSTD codecs, `LowCardinality` names and an
+//!   optional TTL (`retention_days`).
+//!
+//! `DateTime64(6)` travels in RowBinary as an `Int64` of microseconds, so the
+//! writer's row types are the same for both flavours; only the SQL differs.
+
+use clickhouse::Client;
+
+/// Which DDL and SQL dialect the server gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// ClickHouse before 20.3 (no DateTime64, codecs, TTL).
+    Legacy,
+    /// ClickHouse 20.3 and later.
+    Current,
+}
+
+impl Flavor {
+    /// The flavour for a `version()` string such as `18.16.1` or `24.8.4.13`.
+    #[must_use]
+    pub fn for_version(version: &str) -> Self {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let major = parts.next().unwrap_or(0);
+        let minor = parts.next().unwrap_or(0);
+        if (major, minor) >= (20, 3) {
+            Self::Current
+        } else {
+            Self::Legacy
+        }
+    }
+
+    /// SQL for "the `DateTime` of the minute of `ts`".
+    #[must_use]
+    pub fn minute_of_ts(self) -> &'static str {
+        match self {
+            Self::Legacy => "toStartOfMinute(toDateTime(intDiv(ts, 1000000)))",
+            Self::Current => "toDateTime(toStartOfMinute(ts))",
+        }
+    }
+
+    /// SQL turning a bound microsecond integer (`?`) into a value comparable with `ts`.
+    #[must_use]
+    pub fn ts_param(self) -> &'static str {
+        match self {
+            Self::Legacy => "toInt64(?)",
+            Self::Current => "fromUnixTimestamp64Micro(toInt64(?), 'UTC')",
+        }
+    }
+}
+
+/// Names of the tables, fully qualified with the configured database.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// The database.
+    pub database: String,
+    /// `<db>.readings`
+    pub readings: String,
+    /// `<db>.readings_1m`
+    pub readings_1m: String,
+    /// `<db>.ingested_ranges`
+    pub ingested_ranges: String,
+    /// `<db>.ingest_errors`
+    pub ingest_errors: String,
+    /// `<db>.agent_status`
+    pub agent_status: String,
+}
+
+impl Tables {
+    /// Table names in `database` (already validated as a plain identifier).
+    #[must_use]
+    pub fn new(database: &str) -> Self {
+        let q = |t: &str| format!("`{database}`.`{t}`");
+        Self {
+            database: database.to_owned(),
+            readings: q("readings"),
+            readings_1m: q("readings_1m"),
+            ingested_ranges: q("ingested_ranges"),
+            ingest_errors: q("ingest_errors"),
+            agent_status: q("agent_status"),
+        }
+    }
+}
+
+/// The DDL statements, in order, for `flavor`.
+#[must_use]
+pub fn ddl(flavor: Flavor, tables: &Tables, retention_days: u32) -> Vec<String> {
+    let db = &tables.database;
+    let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS `{db}`")];
+    match flavor {
+        Flavor::Legacy => {
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    sensor String,
+    ts Int64,
+    value Float64,
+    epoch UInt64,
+    seq UInt64,
+    dt DateTime MATERIALIZED toDateTime(intDiv(ts, 1000000))
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMMDD(dt)
+ORDER BY (client_id, sensor, ts)",
+                t = tables.readings
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    sensor String,
+    minute DateTime,
+    count UInt64,
+    sum Float64,
+    avg Float64,
+    min Float64,
+    max Float64,
+    version UInt64
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(minute)
+ORDER BY (client_id, sensor, minute)",
+                t = tables.readings_1m
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    epoch UInt64,
+    first_seq UInt64,
+    last_seq UInt64,
+    inserted_at DateTime
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(inserted_at)
+ORDER BY (client_id, epoch, first_seq)",
+                t = tables.ingested_ranges
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    received_at DateTime,
+    topic String,
+    client_id String,
+    reason String,
+    error String,
+    payload String
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(received_at)
+ORDER BY received_at",
+                t = tables.ingest_errors
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    ts Int64,
+    outbox_rows UInt64,
+    outbox_bytes UInt64,
+    oldest_age_s Float64,
+    received_per_s Float64,
+    confirmed_per_s Float64,
+    connected UInt8,
+    received_at DateTime
+) ENGINE = ReplacingMergeTree(ts)
+ORDER BY client_id",
+                t = tables.agent_status
+            ));
+        }
+        Flavor::Current => {
+            let ttl = |expr: &str| {
+                if retention_days > 0 {
+                    format!("\nTTL {expr} + INTERVAL {retention_days} DAY")
+                } else {
+                    String::new()
+                }
+            };
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id LowCardinality(String),
+    sensor LowCardinality(String),
+    ts DateTime64(6, 'UTC') CODEC(DoubleDelta, ZSTD(1)),
+    value Float64 CODEC(Gorilla, ZSTD(1)),
+    epoch UInt64 CODEC(ZSTD(1)),
+    seq UInt64 CODEC(Delta, ZSTD(1))
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMMDD(ts)
+ORDER BY (client_id, sensor, ts){ttl}",
+                t = tables.readings,
+                ttl = ttl("toDateTime(ts)")
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id LowCardinality(String),
+    sensor LowCardinality(String),
+    minute DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
+    count UInt64,
+    sum Float64,
+    avg Float64,
+    min Float64,
+    max Float64,
+    version UInt64
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(minute)
+ORDER BY (client_id, sensor, minute){ttl}",
+                t = tables.readings_1m,
+                ttl = ttl("minute")
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id LowCardinality(String),
+    epoch UInt64,
+    first_seq UInt64,
+    last_seq UInt64,
+    inserted_at DateTime('UTC')
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(inserted_at)
+ORDER BY (client_id, epoch, first_seq)",
+                t = tables.ingested_ranges
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    received_at DateTime('UTC'),
+    topic String,
+    client_id String,
+    reason LowCardinality(String),
+    error String,
+    payload String CODEC(ZSTD(3))
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(received_at)
+ORDER BY received_at{ttl}",
+                t = tables.ingest_errors,
+                ttl = ttl("received_at")
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    ts Int64,
+    outbox_rows UInt64,
+    outbox_bytes UInt64,
+    oldest_age_s Float64,
+    received_per_s Float64,
+    confirmed_per_s Float64,
+    connected UInt8,
+    received_at DateTime('UTC')
+) ENGINE = ReplacingMergeTree(ts)
+ORDER BY client_id",
+                t = tables.agent_status
+            ));
+        }
+    }
+    out
+}
+
+/// Asks the server for its version and picks the flavour.
+///
+/// # Errors
+/// The server did not answer.
+pub async fn detect(client: &Client) -> Result<(String, Flavor), clickhouse::error::Error> {
+    let version: String = client.query("SELECT version()").fetch_one().await?;
+    let flavor = Flavor::for_version(&version);
+    Ok((version, flavor))
+}
+
+/// Creates the database and every table if missing.
+///
+/// # Errors
+/// The first statement that fails.
+pub async fn ensure(
+    client: &Client,
+    flavor: Flavor,
+    tables: &Tables,
+    retention_days: u32,
+) -> Result<(), clickhouse::error::Error> {
+    for statement in ddl(flavor, tables, retention_days) {
+        client.query(&statement).execute().await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_pick_the_flavor() {
+        assert_eq!(Flavor::for_version("18.16.1"), Flavor::Legacy);
+        assert_eq!(Flavor::for_version("19.17.4.11"), Flavor::Legacy);
+        assert_eq!(Flavor::for_version("20.3.1"), Flavor::Current);
+        assert_eq!(Flavor::for_version("24.8.4.13"), Flavor::Current);
+        assert_eq!(Flavor::for_version("garbage"), Flavor::Legacy);
+    }
+
+    #[test]
+    fn legacy_ddl_avoids_what_18_16_lacks() {
+        let ddl = ddl(Flavor::Legacy, &Tables::new("t"), 30).join("\n");
+        for absent in ["DateTime64", "CODEC", "TTL", "LowCardinality"] {
+            assert!(!ddl.contains(absent), "{absent} in legacy DDL");
+        }
+    }
+
+    #[test]
+    fn current_ddl_has_ttl_only_when_asked() {
+        let with = ddl(Flavor::Current, &Tables::new("t"), 30).join("\n");
+        assert!(with.contains("TTL toDateTime(ts) + INTERVAL 30 DAY"));
+        let without = ddl(Flavor::Current, &Tables::new("t"), 0).join("\n");
+        assert!(!without.contains("TTL"));
+    }
+}

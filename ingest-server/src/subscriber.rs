@@ -1,0 +1,243 @@
+//! The MQTT side: connection options, topic layout, and the one task that
+//! polls rumqttc's event loop.
+//!
+//! # Invariants
+//! - The poll task only moves events into a bounded channel; it never awaits
+//!   `publish()`/`ack()` (those go through rumqttc's request channel, which
+//!   only this task drains). When the channel is full the task stops polling:
+//!   that is the back-pressure that stops pulling from the broker.
+//! - The request channel's capacity ([`request_capacity`]) exceeds every
+//!   PUBACK and ingest ack that can be outstanding at once, so the tasks
+//!   that ack never wait on a poll task that waits on them.
+//! - During shutdown the poll task keeps polling (so queued PUBACKs reach the
+//!   broker) but drops new publishes unacked: the broker redelivers them to
+//!   this persistent session later.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// What the poll task hands to the batcher.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A message to store and then ack.
+    Publish(Publish),
+    /// A (re)connection was accepted.
+    Connected {
+        /// Whether the broker still had this client's session.
+        session_present: bool,
+    },
+}
+
+/// The topic layout under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+    client_prefix: String,
+    status_prefix: String,
+}
+
+/// What a received topic is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TopicKind<'a> {
+    /// `<prefix>/client/<client_id>`: a batch.
+    Client(&'a str),
+    /// `<prefix>/status/<client_id>`: an agent status.
+    Status(&'a str),
+    /// Anything else.
+    Other,
+}
+
+impl Topics {
+    /// The layout under `prefix` (e.g. `/telemetry`).
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            client_prefix: format!("{prefix}/client/"),
+            status_prefix: format!("{prefix}/status/"),
+        }
+    }
+
+    /// Classifies a received topic.
+    #[must_use]
+    pub fn classify<'a>(&self, topic: &'a str) -> TopicKind<'a> {
+        let level = |rest: &'a str| (!rest.is_empty() && !rest.contains('/')).then_some(rest);
+        if let Some(id) = topic.strip_prefix(&self.client_prefix).and_then(level) {
+            TopicKind::Client(id)
+        } else if let Some(id) = topic.strip_prefix(&self.status_prefix).and_then(level) {
+            TopicKind::Status(id)
+        } else {
+            TopicKind::Other
+        }
+    }
+
+    /// Where the ingest ack for `client_id` goes.
+    #[must_use]
+    pub fn ack(&self, client_id: &str) -> String {
+        format!("{}/ack/{client_id}", self.prefix)
+    }
+
+    /// The subscriptions: batches (shared when a group is set) and statuses
+    /// (never shared: retained messages are not delivered to shared
+    /// subscriptions, and every server may store them).
+    #[must_use]
+    pub fn filters(&self, shared_group: Option<&str>) -> Vec<(String, QoS)> {
+        let batches = format!("{}+", self.client_prefix);
+        let batches = match shared_group {
+            Some(group) => format!("$share/{group}/{batches}"),
+            None => batches,
+        };
+        vec![(batches, QoS::AtLeastOnce), (format!("{}+", self.status_prefix), QoS::AtLeastOnce)]
+    }
+}
+
+/// Capacity of rumqttc's request channel: room for every PUBACK and ingest
+/// ack that can be outstanding (twice the messages the batcher can hold in
+/// pending and in-flight batches), plus the subscriptions.
+#[must_use]
+pub fn request_capacity(config: &Config) -> usize {
+    let held = config.batch_max_messages.saturating_mul(config.max_inflight_inserts.saturating_add(2));
+    held.saturating_mul(2).saturating_add(config.channel_capacity).saturating_add(64)
+}
+
+/// The client and event loop, configured for manual acks and a persistent session.
+#[must_use]
+pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(&config.mqtt_client_id, &config.mqtt_host, config.mqtt_port);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_secs.max(5)))
+        .set_max_packet_size(config.max_payload_bytes + 1024, config.max_payload_bytes + 1024)
+        .set_inflight(1024);
+    if !config.mqtt_username.is_empty() {
+        options.set_credentials(&config.mqtt_username, config.mqtt_password.expose());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, request_capacity(config));
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(10);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
+/// Polls the event loop until `hard_stop`, or until the client's
+/// DISCONNECT has been written. Forwards publishes and connection events to
+/// `tx` until `forward_stop`; reconnects with exponential backoff.
+pub async fn poll(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<(String, QoS)>,
+    tx: mpsc::Sender<Inbound>,
+    forward_stop: CancellationToken,
+    hard_stop: CancellationToken,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    let backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    let mut errors_in_a_row = 0u32;
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = hard_stop.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if forward_stop.is_cancelled() {
+                    tracing::debug!(topic = %publish.topic, "shutting down: message left for redelivery");
+                    continue;
+                }
+                tokio::select! {
+                    biased;
+                    () = hard_stop.cancelled() => return,
+                    // Dropped unacked when forwarding stops: redelivered later.
+                    () = forward_stop.cancelled() => {}
+                    sent = tx.send(Inbound::Publish(publish)) => if sent.is_err() { return },
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                delays = backoff();
+                errors_in_a_row = 0;
+                tracing::info!(session_present = ack.session_present, code = ?ack.code, "connected to MQTT broker");
+                // Subscribing again is harmless with a present session and
+                // needed without one. try_: the request channel has room
+                // (see request_capacity), and this task must not wait on it.
+                if let Err(error) =
+                    client.try_subscribe_many(filters.iter().map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q)))
+                {
+                    tracing::error!(%error, "cannot queue MQTT subscribe");
+                }
+                if !forward_stop.is_cancelled() {
+                    let _ = tx.try_send(Inbound::Connected { session_present: ack.session_present });
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::debug!(codes = ?ack.return_codes, "subscribed");
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    tracing::error!(codes = ?ack.return_codes, "broker refused a subscription");
+                } else {
+                    metrics.subscribed.set(1);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                tracing::info!("MQTT disconnect sent");
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                metrics.mqtt_connection_errors.inc();
+                metrics.subscribed.set(0);
+                errors_in_a_row += 1;
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                if errors_in_a_row <= 3 || errors_in_a_row % 20 == 0 {
+                    tracing::warn!(%error, errors_in_a_row, retry_in_ms = delay.as_millis() as u64, "MQTT connection error");
+                }
+                if matches!(error, rumqttc::ConnectionError::RequestsDone) {
+                    return;
+                }
+                tokio::select! {
+                    () = hard_stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_classified_by_exact_layout() {
+        let t = Topics::new("/telemetry");
+        assert_eq!(t.classify("/telemetry/client/dev-1"), TopicKind::Client("dev-1"));
+        assert_eq!(t.classify("/telemetry/status/dev-1"), TopicKind::Status("dev-1"));
+        assert_eq!(t.classify("/telemetry/client/"), TopicKind::Other);
+        assert_eq!(t.classify("/telemetry/client/a/b"), TopicKind::Other);
+        assert_eq!(t.classify("telemetry/client/a"), TopicKind::Other);
+        assert_eq!(t.ack("dev-1"), "/telemetry/ack/dev-1");
+    }
+
+    #[test]
+    fn shared_groups_apply_to_batches_only() {
+        let f = Topics::new("/telemetry").filters(Some("ingest"));
+        assert_eq!(f[0].0, "$share/ingest//telemetry/client/+");
+        assert_eq!(f[1].0, "/telemetry/status/+");
+    }
+}

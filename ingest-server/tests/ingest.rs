@@ -1,0 +1,429 @@
+//! Integration tests against the real Mosquitto and ClickHouse of
+//! `scripts/stack` (skipped when it is not up; failing under CI=true).
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{batch, batches, range, Agent, Server, World};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_stores_each_reading_once_and_acks_exact_ranges() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+
+    let mut all = batches("dev-a", 7, 1, 1000, 200);
+    all.extend(batches("dev-b", 9, 101, 500, 100));
+    agent.publish(&all).await;
+    agent.flushed().await;
+
+    world.wait_stored(1500, Duration::from_secs(30)).await;
+    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 1500, "no raw duplicates either");
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-a", &[range(7, 1, 1000)], Duration::from_secs(10)).await;
+    agent.wait_acked("dev-b", &[range(9, 101, 600)], Duration::from_secs(10)).await;
+
+    let m = &server.metrics;
+    assert_eq!(m.received_readings.get(), 1500);
+    assert_eq!(m.inserted_readings.get(), 1500);
+    assert_eq!(m.duplicate_readings.get(), 0);
+    assert_eq!(m.dead_letters_total(), 0);
+    harness::wait_for("all acked", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
+    assert_eq!(m.acked_messages.get(), all.len() as u64);
+    assert!(m.render().contains("telemetry_ingest_inserted_readings_total 1500"));
+    // Epoch and seq are kept with each reading.
+    assert_eq!(
+        world
+            .count(
+                "SELECT count() FROM DB.readings WHERE client_id = 'dev-a' AND seq = 500 AND epoch = 7 AND value = 500"
+            )
+            .await,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_recut_batches_are_not_stored_twice() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+
+    let first = batches("dev-r", 1, 1, 400, 200);
+    agent.publish(&first).await;
+    agent.flushed().await;
+    world.wait_stored(400, Duration::from_secs(30)).await;
+
+    // The same batches again (a replay), and a re-cut batch overlapping both
+    // and reaching 50 seqs further.
+    agent.publish(&first).await;
+    agent.publish(&[batch("dev-r", 1, 150, 450)]).await;
+    agent.flushed().await;
+    let m = &server.metrics;
+    harness::wait_for("duplicates counted", Duration::from_secs(30), || m.duplicate_readings.get() == 400 + 251).await;
+    world.wait_stored(450, Duration::from_secs(30)).await;
+    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 450, "duplicates never reached the raw table");
+    assert_eq!(m.duplicate_messages.get(), 2);
+    assert_eq!(m.inserted_readings.get(), 450);
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-r", &[range(1, 1, 450)], Duration::from_secs(10)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_arriving_after_a_later_one_is_stored() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+
+    agent.publish(&[batch("dev-o", 3, 201, 400)]).await;
+    agent.flushed().await;
+    world.wait_stored(200, Duration::from_secs(30)).await;
+    agent.publish(&[batch("dev-o", 3, 1, 200)]).await;
+    agent.flushed().await;
+    world.wait_stored(400, Duration::from_secs(30)).await;
+    agent.wait_acked("dev-o", &[range(3, 1, 400)], Duration::from_secs(10)).await;
+    assert_eq!(server.metrics.duplicate_readings.get(), 0);
+    world.assert_rollup_exact().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_dead_lettered_and_ingest_continues() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+    let topic = format!("{}/client/dev-m", world.prefix);
+
+    harness::mosquitto_pub(&world, &topic, &["-m", "garbage"]);
+    harness::mosquitto_pub(&world, &topic, &["-n"]);
+    let dir = std::env::temp_dir().join(test_support::unique_name("payloads"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let truncated = dir.join("truncated");
+    std::fs::write(&truncated, &batch("dev-m", 1, 1, 10).encode()[..40]).expect("write payload");
+    harness::mosquitto_pub(&world, &topic, &["-f", truncated.to_str().expect("utf-8 path")]);
+    let mismatch = dir.join("mismatch");
+    std::fs::write(&mismatch, batch("someone-else", 1, 1, 10).encode()).expect("write payload");
+    harness::mosquitto_pub(&world, &topic, &["-f", mismatch.to_str().expect("utf-8 path")]);
+    harness::mosquitto_pub(&world, &format!("{}/status/dev-m", world.prefix), &["-m", "{not json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Good data after the bad keeps flowing.
+    agent.publish(&batches("dev-m", 1, 1, 300, 100)).await;
+    agent.flushed().await;
+    world.wait_stored(300, Duration::from_secs(30)).await;
+
+    let m = &server.metrics;
+    harness::wait_for("dead letters counted", Duration::from_secs(10), || m.dead_letters_total() == 5).await;
+    assert_eq!(world.count("SELECT count() FROM DB.ingest_errors").await, 5);
+    for reason in ["unknown_version", "empty", "truncated", "client_id_mismatch", "bad_status"] {
+        let n = world.count(&format!("SELECT count() FROM DB.ingest_errors WHERE reason = '{reason}'")).await;
+        assert_eq!(n, 1, "dead letters with reason {reason}");
+        assert_eq!(m.dead_letters.get_or_create(&ingest_server::metrics::reason(reason)).get(), 1, "{reason}");
+    }
+    assert_eq!(
+        world
+            .count("SELECT count() FROM DB.ingest_errors WHERE payload = 'garbage' AND topic LIKE '%/client/dev-m'")
+            .await,
+        1,
+        "raw bytes and topic are kept"
+    );
+    // Dead letters are PUBACKed too: nothing stays unacked.
+    harness::wait_for("all acked", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
+    agent.wait_acked("dev-m", &[range(1, 1, 300)], Duration::from_secs(10)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_messages_are_stored() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let status = telemetry_wire::AgentStatus {
+        version: telemetry_wire::status::STATUS_VERSION,
+        client_id: "dev-s".into(),
+        ts: harness::BASE_TS,
+        outbox_rows: 42,
+        outbox_bytes: 4200,
+        oldest_age_s: 1.5,
+        received_per_s: 100.0,
+        confirmed_per_s: 99.0,
+        connected: true,
+    };
+    let json = String::from_utf8(status.encode()).expect("json is utf-8");
+    harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-m", &json]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while world.count("SELECT count() FROM DB.agent_status FINAL WHERE client_id = 'dev-s' AND outbox_rows = 42").await
+        != 1
+    {
+        assert!(std::time::Instant::now() < deadline, "status not stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Clear the retained message so the broker does not keep it.
+    harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-n"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_for_20_s_loses_nothing_and_counts_retries() {
+    let Some(world) = World::new() else { return };
+    let clickhouse = test_support::PrivateService::start(test_support::Service::ClickHouse);
+    let world = World { ch_url: clickhouse.http_url(), ..world };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+
+    let all = batches("dev-c", 5, 1, 2000, 100);
+    agent.publish(&all[..10]).await;
+    agent.flushed().await;
+    world.wait_stored(1000, Duration::from_secs(30)).await;
+    let m = &server.metrics;
+    harness::wait_for("first half acked", Duration::from_secs(10), || m.acked_messages.get() == 10).await;
+
+    clickhouse.stop();
+    for chunk in all[10..].chunks(2) {
+        agent.publish(chunk).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.flushed().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(m.insert_retries_total() > 0, "retries counted while ClickHouse is down");
+    assert!(m.unacked_messages.get() > 0, "nothing acked while ClickHouse is down");
+    assert_eq!(m.acked_messages.get(), 10, "only the batches stored before the outage are acked");
+    clickhouse.restart();
+
+    world.wait_stored(2000, Duration::from_secs(60)).await;
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-c", &[range(5, 1, 2000)], Duration::from_secs(20)).await;
+    harness::wait_for("all acked", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_mid_stream_then_restarted_stores_each_reading_once() {
+    let Some(world) = World::new() else { return };
+    // A long batch delay: at the kill, the last half second of messages is
+    // received but neither inserted nor acked.
+    let config = ingest_server::Config { batch_max_delay_ms: 500, ..world.config() };
+    let ingest = harness::Binary::start(&config).await;
+    let agent = Agent::connect(&world).await;
+
+    let all: Vec<_> = (0..4).flat_map(|c| batches(&format!("dev-k{c}"), 11, 1, 1500, 50)).collect();
+    let (before, after) = all.split_at(all.len() / 2);
+    for chunk in before.chunks(4) {
+        agent.publish(chunk).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.flushed().await;
+    let stored_before_kill = ingest.metric("telemetry_ingest_inserted_readings_total").await.unwrap_or(0.0);
+    ingest.kill();
+    assert!(stored_before_kill < 3000.0, "the kill came mid-stream ({stored_before_kill} of 3000 stored)");
+    for chunk in after.chunks(4) {
+        agent.publish(chunk).await;
+    }
+    agent.flushed().await;
+    // Same client id: the broker kept the session and what was not acked.
+    let ingest = harness::Binary::start(&config).await;
+    world.wait_stored(6000, Duration::from_secs(60)).await;
+    world.assert_rollup_exact().await;
+    for c in 0..4 {
+        agent.wait_acked(&format!("dev-k{c}"), &[range(11, 1, 1500)], Duration::from_secs(20)).await;
+    }
+    let raw = world.count("SELECT count() FROM DB.readings").await;
+    let received = ingest.metric("telemetry_ingest_received_messages_total{kind=\"batch\"}").await.unwrap_or(0.0);
+    eprintln!("stored before the kill {stored_before_kill}; raw rows {raw} (6000 distinct); restarted server received {received} messages ({} published after the kill)", after.len());
+    assert!(received > after.len() as f64, "messages unacked at the kill were redelivered");
+    let status = ingest.terminate();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_in_a_shared_group_split_the_load() {
+    let Some(world) = World::new() else { return };
+    let group = test_support::unique_name("g");
+    let config = |w: &World| ingest_server::Config { shared_group: Some(group.clone()), ..w.config() };
+    let a = Server::start(config(&world)).await;
+    let b = Server::start(config(&world)).await;
+    let agent = Agent::connect(&world).await;
+
+    let all: Vec<_> = (0..10).flat_map(|c| batches(&format!("dev-g{c}"), 2, 1, 500, 50)).collect();
+    agent.publish(&all).await;
+    agent.flushed().await;
+    world.wait_stored(5000, Duration::from_secs(60)).await;
+    world.assert_rollup_exact().await;
+    let (ia, ib) = (a.metrics.inserted_readings.get(), b.metrics.inserted_readings.get());
+    eprintln!("server a inserted {ia}, server b inserted {ib}");
+    assert!(ia > 0 && ib > 0, "both servers took a share: {ia} + {ib}");
+    assert_eq!(ia + ib, 5000);
+    for c in 0..10 {
+        agent.wait_acked(&format!("dev-g{c}"), &[range(2, 1, 500)], Duration::from_secs(20)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_inserted_before_a_crash_are_not_counted_twice() {
+    // The crash window: a server inserted readings and died before recording
+    // their ranges and acking. The redelivered batch is inserted again.
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+    let b = batch("dev-w", 4, 1, 120);
+    let values: Vec<String> = b
+        .readings_with_seq()
+        .map(|(seq, r)| format!("('dev-w', '{}', {}, {}, 4, {seq})", r.sensor, r.ts, r.value))
+        .collect();
+    let sql = format!(
+        "INSERT INTO `{}`.readings (client_id, sensor, ts, value, epoch, seq) VALUES {}",
+        world.database,
+        values.join(", ")
+    );
+    world.ch().query(&sql).execute().await.expect("insert the crashed server's rows");
+
+    agent.publish(&[b]).await;
+    agent.flushed().await;
+    world.wait_stored(120, Duration::from_secs(30)).await;
+    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 240, "two physical copies (until a merge)");
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-w", &[range(4, 1, 120)], Duration::from_secs(10)).await;
+    server.stop().await;
+}
+
+/// Replaces each `?` in `sql` with the next literal.
+fn substitute(sql: &str, literals: &[String]) -> String {
+    let mut out = String::new();
+    let mut it = literals.iter();
+    for ch in sql.chars() {
+        if ch == '?' {
+            out.push_str(it.next().expect("a literal for every placeholder"));
+        } else {
+            out.push(ch);
+        }
+    }
+    assert!(it.next().is_none(), "more literals than placeholders");
+    out
+}
+
+#[test]
+fn current_clickhouse_schema_runs_in_chdb() {
+    use ingest_server::schema::{ddl, Flavor, Tables};
+    let has_chdb =
+        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
+    if !has_chdb {
+        let msg = "chdb is not installed; run ingest-server/tests/chdb/install.sh";
+        assert!(!test_support::under_ci(), "{msg} (CI=true: a missing chdb fails the test)");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    // With a TTL (rows from 2023 would expire at once, so no data goes there)...
+    let mut statements = ddl(Flavor::Current, &Tables::new("telemetry_ttl"), 30);
+    // ...and without, twice (idempotent), for the data checks.
+    let tables = Tables::new("telemetry");
+    statements.extend(ddl(Flavor::Current, &tables, 0));
+    statements.extend(ddl(Flavor::Current, &tables, 0));
+    let ts = |us: i64| format!("fromUnixTimestamp64Micro(toInt64({us}), 'UTC')");
+    let base = harness::BASE_TS;
+    statements.push(format!(
+        "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES
+         ('a', 's', {}, 1.0, 1, 1), ('a', 's', {}, 3.0, 1, 2), ('a', 's', {}, 3.0, 1, 2), ('a', 's', {}, 8.0, 1, 3)",
+        tables.readings,
+        ts(base),
+        ts(base + 1_000_000),
+        ts(base + 1_000_000), // the same reading again: counts once
+        ts(base + 120_000_000),
+    ));
+    statements.push(format!(
+        "INSERT INTO {} (client_id, epoch, first_seq, last_seq, inserted_at) VALUES ('a', 1, 1, 3, now())",
+        tables.ingested_ranges
+    ));
+    statements.push(format!(
+        "INSERT INTO {} (received_at, topic, client_id, reason, error, payload) VALUES (now(), '/t/client/a', 'a', 'empty', 'empty payload', '')",
+        tables.ingest_errors
+    ));
+    statements.push(format!(
+        "INSERT INTO {} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected, received_at)
+         VALUES ('a', {base}, 1, 2, 0.5, 1.0, 1.0, 1, now())",
+        tables.agent_status
+    ));
+    // The rollup statement exactly as the writer sends it, for two minute runs.
+    let minute = 60_000_000;
+    let first = base.div_euclid(minute) * minute;
+    let literals: Vec<String> = [
+        "1".to_owned(),
+        "'a'".to_owned(),
+        first.to_string(),
+        (first + minute).to_string(),
+        "'a'".to_owned(),
+        (first + 2 * minute).to_string(),
+        (first + 3 * minute).to_string(),
+    ]
+    .into();
+    statements.push(substitute(&ingest_server::rollup::recompute_sql(&tables, Flavor::Current, 2), &literals));
+    statements.push(format!("SELECT client_id, epoch, first_seq, last_seq FROM {}", tables.ingested_ranges));
+    statements.push(format!("SELECT count, avg, min, max FROM {} FINAL ORDER BY minute", tables.readings_1m));
+    let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("statements.json");
+    let json = format!("[{}]", statements.iter().map(|s| format!("{:?}", s)).collect::<Vec<_>>().join(","));
+    std::fs::write(&file, json).expect("write statements");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chdb/run_sql.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&file).output().expect("run python3");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chdb run failed: {stderr}");
+    eprintln!("{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout, "2\t2\t1\t3\n1\t8\t8\t8\n", "rollup on current ClickHouse");
+}
+
+/// Not a timed test: prints throughput. Run with
+/// `cargo test --release -p ingest-server --test ingest throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_measurement() {
+    let Some(world) = World::new() else { return };
+    let clients: u64 = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let per_client: u64 = std::env::var("BENCH_READINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let per_batch = 1000;
+    let total = clients * per_client;
+    let server = Server::start(ingest_server::Config { batch_max_delay_ms: 1000, ..world.config() }).await;
+    let agent = Agent::connect(&world).await;
+    let payloads: Vec<(String, Vec<u8>)> = (0..clients)
+        .flat_map(|c| batches(&format!("bench-{c}"), 1, 1, per_client, per_batch))
+        .map(|b| (b.client_id.clone(), b.encode()))
+        .collect();
+    let started = std::time::Instant::now();
+    for (client_id, payload) in payloads {
+        agent.publish_raw(&client_id, payload).await;
+    }
+    let m = &server.metrics;
+    harness::wait_for("all inserted", Duration::from_secs(600), || m.inserted_readings.get() >= total).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "stored {total} readings from {clients} clients in {:.2} s: {:.0} readings/s; {} batches",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        m.batches.get()
+    );
+    world.wait_stored(total, Duration::from_secs(60)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_the_pending_batch_and_acks_it() {
+    let Some(world) = World::new() else { return };
+    // Nothing would flush on its own for a minute.
+    let config = ingest_server::Config { batch_max_delay_ms: 60_000, ..world.config() };
+    let server = Server::start(config).await;
+    let agent = Agent::connect(&world).await;
+    agent.publish(&batches("dev-z", 8, 1, 300, 100)).await;
+    agent.flushed().await;
+    let m = server.metrics.clone();
+    harness::wait_for("messages received", Duration::from_secs(10), || m.unacked_messages.get() == 3).await;
+    assert_eq!(m.inserted_readings.get(), 0);
+    server.stop().await;
+    assert_eq!(m.inserted_readings.get(), 300);
+    assert_eq!(m.acked_messages.get(), 3);
+    assert_eq!(world.final_readings().await, 300);
+    agent.wait_acked("dev-z", &[range(8, 1, 300)], Duration::from_secs(10)).await;
+}
