@@ -1,0 +1,391 @@
+//! Configuration: one TOML file, every key also an environment variable
+//! (`EDGE_AGENT_<KEY>`) and a flag (`--<key>`). Precedence: defaults < file <
+//! environment < flags. The defaults run against `scripts/stack` with no file.
+//!
+//! Keys are flat (`mqtt_port`, not `[mqtt] port`) so that the file, the
+//! environment and the flags name every setting the same way.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret (password): never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for handing to a client library.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no secret is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Which stream encoding a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CodecChoice {
+    /// Detect from the first bytes: a binary frame's 4th byte is 0 (frames
+    /// are < 16 MiB), a JSON line's is printable.
+    Auto,
+    /// Length-delimited bincode frames only.
+    Bincode,
+    /// JSON lines only.
+    Json,
+}
+
+/// A listening socket: `tcp://host:port` or `unix:///path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// TCP.
+    Tcp(String),
+    /// Unix domain socket (an existing socket file is replaced).
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("tcp://").filter(|a| a.contains(':')) {
+            Ok(Self::Tcp(a.to_owned()))
+        } else if let Some(p) = s.strip_prefix("unix://").filter(|p| !p.is_empty()) {
+            Ok(Self::Unix(PathBuf::from(p)))
+        } else {
+            Err(format!("{s:?} is neither tcp://host:port nor unix:///path"))
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a row in the outbox waits for before it is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmMode {
+    /// The broker routed the batch back to us on our own topic.
+    Echo,
+    /// The ingest server stored it in ClickHouse (end-to-end, no loss window).
+    Ingest,
+}
+
+/// What happens when the outbox reaches its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPolicy {
+    /// Stop reading sensor sockets until rows are confirmed (nothing lost).
+    Backpressure,
+    /// Delete the oldest rows to make room (counted as dropped).
+    DropOldest,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env $env:literal $(, arg($($arg:tt)*))? ; )*) => {
+        /// The agent's configuration; see the module docs for how it is layered.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Environment variables and flags; each overrides the file's key of
+        /// the same name.
+        #[derive(Debug, Default, clap::Args)]
+        pub struct Overrides {
+            $( $(#[doc = $doc])* #[arg(long, env = $env, hide_env_values = true $(, $($arg)*)?)] pub $name: Option<$ty>, )*
+        }
+
+        impl Config {
+            /// Applies every override that is set.
+            pub fn apply(&mut self, overrides: Overrides) {
+                $( if let Some(v) = overrides.$name { self.$name = v; } )*
+            }
+        }
+    };
+}
+
+settings! {
+    /// This device's id: the last level of its MQTT topics, 1–64 of [A-Za-z0-9_.-].
+    client_id: String = "edge-1".into(), env "EDGE_AGENT_CLIENT_ID";
+    /// Sockets to accept sensors on (repeat the flag, or comma-separate).
+    listen: Vec<ListenAddr> = vec![ListenAddr::Tcp("127.0.0.1:7878".into())], env "EDGE_AGENT_LISTEN", arg(value_delimiter = ',');
+    /// Stream encoding accepted on every listener.
+    codec: CodecChoice = CodecChoice::Auto, env "EDGE_AGENT_CODEC", arg(value_enum);
+    /// Most sensor connections at once; further ones wait in the accept queue.
+    max_connections: usize = 1024, env "EDGE_AGENT_MAX_CONNECTIONS";
+    /// Largest sensor frame (and JSON line) in bytes.
+    max_frame_bytes: usize = telemetry_wire::DEFAULT_MAX_FRAME_BYTES, env "EDGE_AGENT_MAX_FRAME_BYTES";
+    /// Close a sensor connection that sends nothing for this many seconds.
+    idle_timeout_secs: u64 = 300, env "EDGE_AGENT_IDLE_TIMEOUT_SECS";
+    /// Reject readings stamped further than this into the future.
+    max_future_skew_secs: u64 = 86_400, env "EDGE_AGENT_MAX_FUTURE_SKEW_SECS";
+    /// Postgres connection string of the outbox (key=value or URL form).
+    postgres_url: String = "host=127.0.0.1 port=25432 user=postgres dbname=postgres".into(), env "EDGE_AGENT_POSTGRES_URL";
+    /// Postgres password, if the connection string has none.
+    postgres_password: Secret = Secret::default(), env "EDGE_AGENT_POSTGRES_PASSWORD";
+    /// Postgres schema holding the outbox tables.
+    postgres_schema: String = "edge_agent".into(), env "EDGE_AGENT_POSTGRES_SCHEMA";
+    /// Commit a transaction once this many readings are waiting...
+    commit_max_rows: usize = 5000, env "EDGE_AGENT_COMMIT_MAX_ROWS";
+    /// ...or once the oldest waiting reading is this many milliseconds old.
+    commit_max_delay_ms: u64 = 2, env "EDGE_AGENT_COMMIT_MAX_DELAY_MS";
+    /// MQTT broker host.
+    mqtt_host: String = "127.0.0.1".into(), env "EDGE_AGENT_MQTT_HOST";
+    /// MQTT broker port.
+    mqtt_port: u16 = 21883, env "EDGE_AGENT_MQTT_PORT";
+    /// MQTT client id (default: `edge-agent-<client_id>`).
+    mqtt_client_id: String = String::new(), env "EDGE_AGENT_MQTT_CLIENT_ID";
+    /// MQTT user name (empty: anonymous).
+    mqtt_username: String = String::new(), env "EDGE_AGENT_MQTT_USERNAME";
+    /// MQTT password.
+    mqtt_password: Secret = Secret::default(), env "EDGE_AGENT_MQTT_PASSWORD";
+    /// MQTT keep-alive in seconds.
+    mqtt_keep_alive_secs: u64 = 15, env "EDGE_AGENT_MQTT_KEEP_ALIVE_SECS";
+    /// Largest MQTT packet, both directions; must exceed the largest batch.
+    mqtt_max_packet_bytes: usize = 4 << 20, env "EDGE_AGENT_MQTT_MAX_PACKET_BYTES";
+    /// Topic prefix: batches go to `<prefix>/client/<client_id>`.
+    topic_prefix: String = "/telemetry".into(), env "EDGE_AGENT_TOPIC_PREFIX";
+    /// Most readings per published batch.
+    batch_max_readings: usize = 2000, env "EDGE_AGENT_BATCH_MAX_READINGS";
+    /// Most payload bytes per published batch.
+    batch_max_bytes: usize = 256 << 10, env "EDGE_AGENT_BATCH_MAX_BYTES";
+    /// Batches published but not yet confirmed, at most.
+    window: usize = 16, env "EDGE_AGENT_WINDOW";
+    /// What confirms a batch: its echo on our own topic, or the ingest ack.
+    confirm: ConfirmMode = ConfirmMode::Echo, env "EDGE_AGENT_CONFIRM", arg(value_enum);
+    /// Publish a batch again when unconfirmed after this many milliseconds.
+    confirm_timeout_ms: u64 = 5000, env "EDGE_AGENT_CONFIRM_TIMEOUT_MS";
+    /// Outbox quota in rows.
+    quota_rows: u64 = 50_000_000, env "EDGE_AGENT_QUOTA_ROWS";
+    /// Outbox quota in bytes of reading data (sensor name + 24 per row).
+    quota_bytes: u64 = 4 << 30, env "EDGE_AGENT_QUOTA_BYTES";
+    /// At quota: back-pressure (default, nothing lost) or drop the oldest.
+    quota_policy: QuotaPolicy = QuotaPolicy::Backpressure, env "EDGE_AGENT_QUOTA_POLICY", arg(value_enum);
+    /// Publish a retained status message every this many seconds (0: never).
+    status_interval_secs: u64 = 5, env "EDGE_AGENT_STATUS_INTERVAL_SECS";
+    /// On SIGTERM/ctrl-c, wait at most this long for confirmations.
+    shutdown_timeout_secs: u64 = 10, env "EDGE_AGENT_SHUTDOWN_TIMEOUT_SECS";
+    /// HTTP address for /metrics and /healthz (empty: no HTTP listener).
+    http_listen: String = "127.0.0.1:9101".into(), env "EDGE_AGENT_HTTP_LISTEN";
+    /// Log format.
+    log_format: LogFormat = LogFormat::Text, env "EDGE_AGENT_LOG_FORMAT", arg(value_enum);
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `overrides`, then validation.
+    ///
+    /// # Errors
+    /// Unreadable or invalid file, or an invalid value.
+    pub fn load(file: Option<&std::path::Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations between keys.
+    ///
+    /// # Errors
+    /// The first invalid key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
+        if let Err(e) = telemetry_wire::batch::validate_client_id(&self.client_id) {
+            return invalid("client_id", &e.to_string());
+        }
+        if self.listen.is_empty() {
+            return invalid("listen", "at least one listener is needed");
+        }
+        if self.max_frame_bytes < 16 || self.max_frame_bytes >= telemetry_wire::MAX_PAYLOAD_BYTES {
+            return invalid("max_frame_bytes", "must be between 16 bytes and 16 MiB");
+        }
+        if self.batch_max_readings == 0 || self.window == 0 || self.max_connections == 0 || self.commit_max_rows == 0 {
+            return invalid("batch_max_readings/window/max_connections/commit_max_rows", "must be positive");
+        }
+        if self.batch_max_bytes + 4096 > self.mqtt_max_packet_bytes {
+            return invalid("mqtt_max_packet_bytes", "must exceed batch_max_bytes by at least 4 KiB");
+        }
+        if !self.postgres_schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || self.postgres_schema.is_empty()
+        {
+            return invalid("postgres_schema", "must be a plain lower-case identifier");
+        }
+        if self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
+            return invalid("topic_prefix", "no wildcards and no trailing slash");
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id actually used.
+    #[must_use]
+    pub fn mqtt_client_id(&self) -> String {
+        if self.mqtt_client_id.is_empty() {
+            format!("edge-agent-{}", self.client_id)
+        } else {
+            self.mqtt_client_id.clone()
+        }
+    }
+
+    /// `<prefix>/client/<client_id>`: where batches go (and echo from).
+    #[must_use]
+    pub fn data_topic(&self) -> String {
+        format!("{}/client/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// `<prefix>/ack/<client_id>`: where the ingest server confirms.
+    #[must_use]
+    pub fn ack_topic(&self) -> String {
+        format!("{}/ack/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// `<prefix>/status/<client_id>`: the retained status message.
+    #[must_use]
+    pub fn status_topic(&self) -> String {
+        format!("{}/status/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// Commit delay as a duration.
+    #[must_use]
+    pub fn commit_max_delay(&self) -> Duration {
+        Duration::from_millis(self.commit_max_delay_ms)
+    }
+
+    /// Confirm timeout as a duration.
+    #[must_use]
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_file_sets_keys_and_overrides_win() {
+        let mut c: Config = toml::from_str(
+            "client_id = \"dev-7\"\nlisten = [\"unix:///tmp/a.sock\", \"tcp://0.0.0.0:1\"]\nconfirm = \"ingest\"\nmqtt_password = \"hunter2\"",
+        )
+        .unwrap();
+        assert_eq!(c.client_id, "dev-7");
+        assert_eq!(c.listen[0], ListenAddr::Unix("/tmp/a.sock".into()));
+        assert_eq!(c.confirm, ConfirmMode::Ingest);
+        c.apply(Overrides { client_id: Some("dev-8".into()), ..Overrides::default() });
+        assert_eq!(c.client_id, "dev-8");
+        assert_eq!(c.mqtt_client_id(), "edge-agent-dev-8");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("clientid = \"x\"").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c: Config = toml::from_str("mqtt_password = \"hunter2\"\npostgres_password = \"s3cret\"").unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("s3cret"), "{printed}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let c = Config { client_id: "a/b".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "client_id", .. })));
+        let c = Config { batch_max_bytes: 4 << 20, ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "mqtt_max_packet_bytes", .. })));
+    }
+}

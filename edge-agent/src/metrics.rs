@@ -1,0 +1,160 @@
+//! Every counter the agent keeps, in a Prometheus registry.
+//!
+//! Names render as `telemetry_agent_<name>_total` (counters) or
+//! `telemetry_agent_<name>` (gauges). Labels come from small fixed sets (a
+//! rejection reason), never from a sensor or a client id.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A rejection reason label (values from `kind()` of the wire errors).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Short, stable reason name.
+    pub reason: &'static str,
+}
+
+/// The agent's metrics. Cloning shares the same counters.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Readings received from sensors (valid or not).
+    pub readings_received: Counter,
+    /// Readings rejected (NaN, absurd timestamp, bad sensor name), by reason.
+    pub readings_rejected: Family<Reason, Counter>,
+    /// Frames / lines that closed their connection (malformed, oversize), by reason.
+    pub frames_rejected: Family<Reason, Counter>,
+    /// Readings committed to the outbox.
+    pub readings_committed: Counter,
+    /// Outbox transactions committed.
+    pub commits: Counter,
+    /// Readings whose frame was acked to the sensor (after commit).
+    pub readings_acked: Counter,
+    /// Readings published to the broker (first publication of a row in a session).
+    pub readings_published: Counter,
+    /// Batches published (every publication, republish included).
+    pub batches_published: Counter,
+    /// Readings confirmed by their echo.
+    pub readings_echoed: Counter,
+    /// Readings confirmed by an ingest ack.
+    pub readings_ingest_acked: Counter,
+    /// Batches published again after their confirm timeout.
+    pub batches_republished: Counter,
+    /// Readings published again after a reconnect (replay from the outbox).
+    pub readings_replayed: Counter,
+    /// Outbox rows deleted after confirmation.
+    pub rows_deleted: Counter,
+    /// Outbox rows dropped at quota (drop-oldest policy).
+    pub rows_dropped: Counter,
+    /// Times sensors were held back because the outbox was full.
+    pub quota_backpressure: Counter,
+    /// MQTT (re)connections.
+    pub mqtt_connects: Counter,
+    /// MQTT connection errors (each followed by a backoff).
+    pub mqtt_errors: Counter,
+    /// Postgres errors (each followed by a retry).
+    pub postgres_errors: Counter,
+    /// Confirmations that matched nothing in flight (duplicates, late echoes).
+    pub confirms_unmatched: Counter,
+    /// Rows in the outbox.
+    pub outbox_rows: Gauge,
+    /// Bytes of reading data in the outbox.
+    pub outbox_bytes: Gauge,
+    /// Open sensor connections.
+    pub connections: Gauge,
+    /// Batches in flight.
+    pub inflight_batches: Gauge,
+    /// 1 while connected to the broker.
+    pub mqtt_connected: Gauge,
+    /// Seconds from receiving a frame to acking it to the sensor.
+    pub ack_latency_seconds: Histogram,
+    /// Seconds per outbox commit.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            readings_received: Counter::default(),
+            readings_rejected: Family::default(),
+            frames_rejected: Family::default(),
+            readings_committed: Counter::default(),
+            commits: Counter::default(),
+            readings_acked: Counter::default(),
+            readings_published: Counter::default(),
+            batches_published: Counter::default(),
+            readings_echoed: Counter::default(),
+            readings_ingest_acked: Counter::default(),
+            batches_republished: Counter::default(),
+            readings_replayed: Counter::default(),
+            rows_deleted: Counter::default(),
+            rows_dropped: Counter::default(),
+            quota_backpressure: Counter::default(),
+            mqtt_connects: Counter::default(),
+            mqtt_errors: Counter::default(),
+            postgres_errors: Counter::default(),
+            confirms_unmatched: Counter::default(),
+            outbox_rows: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            connections: Gauge::default(),
+            inflight_batches: Gauge::default(),
+            mqtt_connected: Gauge::default(),
+            ack_latency_seconds: Histogram::new(exponential_buckets(0.0001, 1.5, 30)),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric, prefixed `telemetry_agent`.
+    #[must_use]
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("telemetry_agent");
+        let m = self.clone();
+        r.register("readings_received", "Readings received from sensors", m.readings_received);
+        r.register("readings_rejected", "Readings rejected as invalid", m.readings_rejected);
+        r.register("frames_rejected", "Malformed or oversize frames (connection closed)", m.frames_rejected);
+        r.register("readings_committed", "Readings committed to the outbox", m.readings_committed);
+        r.register("commits", "Outbox transactions", m.commits);
+        r.register("readings_acked", "Readings acked to sensors after commit", m.readings_acked);
+        r.register("readings_published", "Readings published", m.readings_published);
+        r.register("batches_published", "Batch publications, republishes included", m.batches_published);
+        r.register("readings_echoed", "Readings confirmed by echo", m.readings_echoed);
+        r.register("readings_ingest_acked", "Readings confirmed by ingest ack", m.readings_ingest_acked);
+        r.register("batches_republished", "Batches republished after confirm timeout", m.batches_republished);
+        r.register("readings_replayed", "Readings replayed from the outbox after a reconnect", m.readings_replayed);
+        r.register("rows_deleted", "Outbox rows deleted after confirmation", m.rows_deleted);
+        r.register("rows_dropped", "Outbox rows dropped at quota", m.rows_dropped);
+        r.register("quota_backpressure", "Times sensors were held back at quota", m.quota_backpressure);
+        r.register("mqtt_connects", "MQTT connections", m.mqtt_connects);
+        r.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors);
+        r.register("postgres_errors", "Postgres errors", m.postgres_errors);
+        r.register("confirms_unmatched", "Confirmations matching nothing in flight", m.confirms_unmatched);
+        r.register("outbox_rows", "Rows in the outbox", m.outbox_rows);
+        r.register("outbox_bytes", "Bytes of reading data in the outbox", m.outbox_bytes);
+        r.register("connections", "Open sensor connections", m.connections);
+        r.register("inflight_batches", "Batches awaiting confirmation", m.inflight_batches);
+        r.register("mqtt_connected", "1 while connected to the broker", m.mqtt_connected);
+        r.register("ack_latency_seconds", "Frame receive to sensor ack", m.ack_latency_seconds);
+        r.register("commit_seconds", "Outbox commit duration", m.commit_seconds);
+        r
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Invariant: writing to a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry()).expect("encoding to a String");
+        out
+    }
+}
+
+/// Sum of a labelled counter family over the given reasons (for tests).
+#[must_use]
+pub fn family_total(family: &Family<Reason, Counter>, reasons: &[&'static str]) -> u64 {
+    reasons.iter().map(|&reason| family.get_or_create(&Reason { reason }).get()).sum()
+}

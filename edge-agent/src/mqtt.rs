@@ -1,0 +1,100 @@
+//! The MQTT connection: options that avoid rumqttc's known pitfalls, and the
+//! one task that polls the event loop and only forwards events.
+//!
+//! Pitfalls handled here (measured on the target machines):
+//! - `tcp_nodelay` is off by default; echo on the same connection collapses
+//!   to a few thousand messages per second without it.
+//! - the maximum packet size defaults to 10 KiB both ways and a larger
+//!   publish is silently dropped after `publish()` returned Ok.
+//! - the event loop has no reconnect backoff: [`run_event_loop`] adds one.
+//! - with a clean session rumqttc drops its pending queue: the publisher
+//!   replays from the outbox after every `ConnAck` instead.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::shared::Shared;
+
+/// What the event loop reports to the publisher.
+#[derive(Debug)]
+pub enum MqttEvent {
+    /// A connection was established (`ConnAck`).
+    Connected,
+    /// The connection failed or dropped.
+    Disconnected,
+    /// A message arrived on a subscribed topic.
+    Message {
+        /// Topic.
+        topic: String,
+        /// Payload.
+        payload: Bytes,
+    },
+}
+
+/// Builds the client and its event loop.
+#[must_use]
+pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(config.mqtt_client_id(), config.mqtt_host.clone(), config.mqtt_port);
+    options.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_secs.max(5)));
+    // Replay comes from the outbox, so a clean session loses nothing and
+    // keeps the broker from hoarding echoes for a device that is away.
+    options.set_clean_session(true);
+    options.set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes);
+    options.set_inflight(u16::try_from(config.window * 2 + 8).unwrap_or(u16::MAX));
+    if !config.mqtt_username.is_empty() {
+        options.set_credentials(config.mqtt_username.clone(), config.mqtt_password.expose().to_owned());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, config.window * 2 + 16);
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(5);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
+/// Polls the event loop until the client disconnects or the receiver is
+/// gone, forwarding connection changes and incoming messages. Errors are
+/// followed by an exponential backoff with jitter before the next attempt.
+pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
+    let mut backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+                shared.metrics.mqtt_connects.inc();
+                shared.metrics.mqtt_connected.set(1);
+                shared.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("connected to the broker");
+                if tx.send(MqttEvent::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(MqttEvent::Message { topic: p.topic, payload: p.payload }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(error) => {
+                shared.metrics.mqtt_errors.inc();
+                shared.metrics.mqtt_connected.set(0);
+                let was_connected = shared.connected.swap(false, std::sync::atomic::Ordering::Relaxed);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                if was_connected {
+                    tracing::warn!(%error, "broker connection lost; reconnecting");
+                } else {
+                    tracing::warn!(%error, ?delay, "cannot reach the broker; retrying");
+                }
+                if tx.send(MqttEvent::Disconnected).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

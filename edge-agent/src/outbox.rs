@@ -1,0 +1,308 @@
+//! The Postgres outbox: every reading is a row here before anything else
+//! happens to it, and stays until its batch is confirmed.
+//!
+//! # Invariants
+//! - `seq` is assigned by the agent from `outbox_meta.next_seq`, advanced in
+//!   the *same statement* that inserts the rows. Seqs are therefore never
+//!   reused within an epoch (even after every row was deleted and the agent
+//!   restarted), each commit's seqs are contiguous, and the seq → reading
+//!   mapping the publisher holds in memory is exactly the one in the table.
+//! - The insert is guarded by the expected `next_seq`: a second agent writing
+//!   the same outbox, or a retry of a commit that did go through, is detected
+//!   instead of duplicating seqs.
+//! - `epoch` is random, made once with the outbox: a wiped or new outbox
+//!   never reuses `(client_id, epoch, seq)`.
+//!
+//! A connection that fails is dropped and re-established on the next call;
+//! callers retry with backoff.
+
+use std::str::FromStr;
+
+use telemetry_wire::Reading;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::config::Secret;
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Postgres refused or the connection failed (retriable).
+    #[error("postgres: {}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The connection string is unusable (permanent).
+    #[error("bad postgres connection string: {0}")]
+    BadUrl(String),
+    /// `next_seq` moved under us: another writer, or a retried commit that
+    /// had succeeded. The caller re-reads `next_seq` and decides.
+    #[error("outbox next_seq is {found}, expected {expected}: another agent writes this outbox?")]
+    SeqConflict {
+        /// What we expected.
+        expected: u64,
+        /// What the table holds.
+        found: u64,
+    },
+}
+
+/// tokio-postgres prints only "db error"; the server's message is in the source.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+fn ddl(s: &str) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.outbox_meta (
+             id int PRIMARY KEY CHECK (id = 1),
+             epoch bigint NOT NULL,
+             next_seq bigint NOT NULL,
+             schema_version int NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE IF NOT EXISTS {s}.outbox (
+             seq bigint PRIMARY KEY,
+             sensor text NOT NULL,
+             ts bigint NOT NULL,
+             value double precision NOT NULL,
+             enqueued_at timestamptz NOT NULL DEFAULT now());"
+    )
+}
+
+/// What the outbox holds at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxState {
+    /// The outbox incarnation.
+    pub epoch: u64,
+    /// The seq the next reading gets.
+    pub next_seq: u64,
+    /// Rows waiting.
+    pub rows: u64,
+    /// Bytes of reading data waiting.
+    pub bytes: u64,
+}
+
+/// Bytes a row counts against the quota: the sensor name plus ts, value and seq.
+#[must_use]
+pub fn row_bytes(reading: &Reading) -> u64 {
+    reading.sensor.len() as u64 + 24
+}
+
+struct Prepared {
+    insert: Statement,
+    load: Statement,
+    delete: Statement,
+}
+
+/// One connection to the outbox, re-established on demand.
+pub struct Outbox {
+    config: tokio_postgres::Config,
+    schema: String,
+    conn: Option<(Client, Prepared)>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("schema", &self.schema).field("connected", &self.conn.is_some()).finish()
+    }
+}
+
+impl Outbox {
+    /// An outbox handle; connects lazily.
+    ///
+    /// # Errors
+    /// [`OutboxError::BadUrl`] for an unparsable connection string.
+    pub fn new(url: &str, password: &Secret, schema: &str) -> Result<Self, OutboxError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| OutboxError::BadUrl(e.to_string()))?;
+        if !password.is_empty() {
+            config.password(password.expose());
+        }
+        config.application_name("edge-agent");
+        config.connect_timeout(std::time::Duration::from_secs(5));
+        Ok(Self { config, schema: schema.to_owned(), conn: None })
+    }
+
+    async fn client(&mut self) -> Result<&(Client, Prepared), OutboxError> {
+        if self.conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let (client, connection) = self.config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "postgres connection ended");
+                }
+            });
+            let s = &self.schema;
+            // Idempotent; statements below need the tables to exist.
+            client.batch_execute(&ddl(s)).await?;
+            let insert = client
+                .prepare(&format!(
+                    "WITH m AS (UPDATE {s}.outbox_meta SET next_seq = $2 WHERE id = 1 AND next_seq = $1 RETURNING 1) \
+                     INSERT INTO {s}.outbox (seq, sensor, ts, value) \
+                     SELECT u.seq, u.sensor, u.ts, u.value FROM m, \
+                     unnest($3::int8[], $4::text[], $5::int8[], $6::float8[]) AS u(seq, sensor, ts, value)"
+                ))
+                .await?;
+            let load = client
+                .prepare(&format!("SELECT seq, sensor, ts, value FROM {s}.outbox WHERE seq > $1 ORDER BY seq LIMIT $2"))
+                .await?;
+            let delete = client
+                .prepare(&format!(
+                    "WITH d AS (DELETE FROM {s}.outbox o USING unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+                     WHERE o.seq BETWEEN r.lo AND r.hi RETURNING octet_length(o.sensor) AS l) \
+                     SELECT count(*)::int8, coalesce(sum(l), 0)::int8 FROM d"
+                ))
+                .await?;
+            self.conn = Some((client, Prepared { insert, load, delete }));
+        }
+        // Invariant: set just above when it was None.
+        Ok(self.conn.as_ref().expect("connection established above"))
+    }
+
+    /// Forgets the connection after an error so the next call reconnects.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// Creates the schema if needed (a new random epoch for a new outbox) and
+    /// reports what the outbox holds.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn migrate(&mut self) -> Result<OutboxState, OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
+        // The epoch is a random u64 stored bit-for-bit in a bigint.
+        let epoch = fastrand::u64(..) as i64;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.outbox_meta (id, epoch, next_seq, schema_version) VALUES (1, $1, 1, 1) \
+                     ON CONFLICT (id) DO NOTHING"
+                ),
+                &[&epoch],
+            )
+            .await?;
+        let meta = client.query_one(&format!("SELECT epoch, next_seq FROM {s}.outbox_meta WHERE id = 1"), &[]).await?;
+        let rows = client
+            .query_one(
+                &format!("SELECT count(*)::int8, coalesce(sum(octet_length(sensor)), 0)::int8 FROM {s}.outbox"),
+                &[],
+            )
+            .await?;
+        let (count, name_bytes): (i64, i64) = (rows.get(0), rows.get(1));
+        Ok(OutboxState {
+            epoch: meta.get::<_, i64>(0) as u64,
+            next_seq: meta.get::<_, i64>(1) as u64,
+            rows: count as u64,
+            bytes: (name_bytes + 24 * count) as u64,
+        })
+    }
+
+    /// The seq the next insert must start at, as the table says.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn next_seq(&mut self) -> Result<u64, OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
+        let row = client.query_one(&format!("SELECT next_seq FROM {s}.outbox_meta WHERE id = 1"), &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Inserts `readings` as seqs `first_seq..` in one statement (one
+    /// transaction), advancing `next_seq` past them.
+    ///
+    /// # Errors
+    /// Postgres errors, or [`OutboxError::SeqConflict`] when `next_seq` is not
+    /// `first_seq`.
+    pub async fn insert(&mut self, first_seq: u64, readings: &[Reading]) -> Result<(), OutboxError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let n = readings.len() as i64;
+        let first = first_seq as i64;
+        let seqs: Vec<i64> = (first..first + n).collect();
+        let sensors: Vec<&str> = readings.iter().map(|r| r.sensor.as_str()).collect();
+        let ts: Vec<i64> = readings.iter().map(|r| r.ts).collect();
+        let values: Vec<f64> = readings.iter().map(|r| r.value).collect();
+        let (client, st) = self.client().await?;
+        let inserted = client.execute(&st.insert, &[&first, &(first + n), &seqs, &sensors, &ts, &values]).await?;
+        if inserted == 0 {
+            let found = self.next_seq().await?;
+            return Err(OutboxError::SeqConflict { expected: first_seq, found });
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` rows with seq greater than `after`, oldest first.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn load(&mut self, after: u64, limit: usize) -> Result<Vec<(u64, Reading)>, OutboxError> {
+        let (client, st) = self.client().await?;
+        let rows = client.query(&st.load, &[&(after as i64), &(limit as i64)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                (seq as u64, Reading { sensor: r.get(1), ts: r.get(2), value: r.get(3) })
+            })
+            .collect())
+    }
+
+    /// Deletes the rows of every inclusive range; returns (rows, bytes) deleted.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn delete_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<(u64, u64), OutboxError> {
+        let lo: Vec<i64> = ranges.iter().map(|r| r.0 as i64).collect();
+        let hi: Vec<i64> = ranges.iter().map(|r| r.1 as i64).collect();
+        let (client, st) = self.client().await?;
+        let row = client.query_one(&st.delete, &[&lo, &hi]).await?;
+        let (count, name_bytes): (i64, i64) = (row.get(0), row.get(1));
+        Ok((count as u64, (name_bytes + 24 * count) as u64))
+    }
+
+    /// Deletes the `n` oldest rows (quota policy drop-oldest); returns
+    /// (rows, bytes) deleted.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn drop_oldest(&mut self, n: u64) -> Result<(u64, u64), OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "WITH d AS (DELETE FROM {s}.outbox WHERE seq IN \
+                     (SELECT seq FROM {s}.outbox ORDER BY seq LIMIT $1) RETURNING octet_length(sensor) AS l) \
+                     SELECT count(*)::int8, coalesce(sum(l), 0)::int8 FROM d"
+                ),
+                &[&(n as i64)],
+            )
+            .await?;
+        let (count, name_bytes): (i64, i64) = (row.get(0), row.get(1));
+        Ok((count as u64, (name_bytes + 24 * count) as u64))
+    }
+
+    /// Age in seconds of the oldest row (0 when empty).
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn oldest_age_secs(&mut self) -> Result<f64, OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT extract(epoch FROM now() - enqueued_at)::float8 FROM {s}.outbox ORDER BY seq LIMIT 1"),
+                &[],
+            )
+            .await?;
+        Ok(row.map_or(0.0, |r| r.get::<_, f64>(0).max(0.0)))
+    }
+}

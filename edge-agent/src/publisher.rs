@@ -1,0 +1,437 @@
+//! Publishing the outbox: committed rows, oldest first, in batches bounded by
+//! readings and bytes, QoS 1, with a window of batches in flight; confirmed
+//! by echo or ingest ack; republished after a timeout; replayed in full after
+//! every (re)connect.
+//!
+//! The connection life is an explicit state machine ([`ConnState`]):
+//! `Offline` → (ConnAck) → `Replaying` → (caught up) → `Live` → (error) →
+//! `Offline`. On every ConnAck the window is cleared and the cursor reset to
+//! the start of the outbox: rumqttc drops its pending queue on a clean
+//! session, and the outbox, not client memory, is the source of truth.
+//!
+//! Rows come from two places: blocks the committer hands over (the hot path,
+//! no read-back) and the outbox itself (replay, or when a hand-over was
+//! skipped because this task was behind). The cursor is the highest seq
+//! handed to the broker in this session; whatever lies above it and is not
+//! in memory is loaded from Postgres.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, QoS};
+use telemetry_wire::{AgentStatus, Batch, IngestAck, Reading, SeqRange};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::Block;
+use crate::config::ConfirmMode;
+use crate::mqtt::MqttEvent;
+use crate::outbox::Outbox;
+use crate::shared::Shared;
+use crate::window::{cut, Inflight, Window};
+
+/// Where the publisher is in its connection life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// No broker connection; rows accumulate in the outbox.
+    Offline,
+    /// Connected, republishing rows committed before this connection (up to
+    /// and including `until`).
+    Replaying {
+        /// Highest seq committed when the connection came up.
+        until: u64,
+    },
+    /// Connected and caught up: publishing rows as they are committed.
+    Live,
+}
+
+/// Settings of the publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// This device.
+    pub client_id: String,
+    /// The outbox incarnation.
+    pub epoch: u64,
+    /// Batches go here (and echo from here).
+    pub data_topic: String,
+    /// Ingest acks arrive here.
+    pub ack_topic: String,
+    /// Retained status goes here.
+    pub status_topic: String,
+    /// What confirms a batch.
+    pub confirm: ConfirmMode,
+    /// Readings per batch, at most.
+    pub batch_max_readings: usize,
+    /// Payload bytes per batch, at most (roughly: reading bytes).
+    pub batch_max_bytes: usize,
+    /// Batches in flight, at most.
+    pub window: usize,
+    /// Republish after this long unconfirmed.
+    pub confirm_timeout: Duration,
+    /// Status message period (zero: none).
+    pub status_interval: Duration,
+    /// At shutdown, wait this long for the outbox to drain.
+    pub shutdown_timeout: Duration,
+    /// Largest incoming payload accepted.
+    pub max_packet_bytes: usize,
+}
+
+/// The publishing task's state.
+pub struct Publisher {
+    config: PublisherConfig,
+    client: AsyncClient,
+    outbox: Outbox,
+    shared: Arc<Shared>,
+    deletes: mpsc::UnboundedSender<(u64, u64)>,
+    state: ConnState,
+    cursor: u64,
+    memory: VecDeque<Block>,
+    memory_rows: usize,
+    memory_cap: usize,
+    window: Window,
+    pg_retry_at: Option<Instant>,
+    last_status: Instant,
+    last_received: u64,
+    last_confirmed: u64,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("state", &self.state).field("cursor", &self.cursor).finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher, offline until the event loop reports a connection.
+    #[must_use]
+    pub fn new(
+        config: PublisherConfig,
+        client: AsyncClient,
+        outbox: Outbox,
+        shared: Arc<Shared>,
+        deletes: mpsc::UnboundedSender<(u64, u64)>,
+    ) -> Self {
+        let memory_cap = (config.window * config.batch_max_readings * 4).max(100_000);
+        let window = Window::new(config.window);
+        Self {
+            config,
+            client,
+            outbox,
+            shared,
+            deletes,
+            state: ConnState::Offline,
+            cursor: 0,
+            memory: VecDeque::new(),
+            memory_rows: 0,
+            memory_cap,
+            window,
+            pg_retry_at: None,
+            last_status: Instant::now(),
+            last_received: 0,
+            last_confirmed: 0,
+        }
+    }
+
+    /// Runs until the committer is done (`blocks` closed) after `cancel`, and
+    /// the outbox drained or the shutdown timeout passed; or until the event
+    /// loop ends.
+    pub async fn run(
+        mut self,
+        mut blocks: mpsc::Receiver<Block>,
+        mut events: mpsc::Receiver<MqttEvent>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut blocks_open = true;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => break,
+                },
+                block = blocks.recv(), if blocks_open => match block {
+                    Some(b) => self.on_block(b),
+                    None => blocks_open = false,
+                },
+                _ = tick.tick() => self.on_tick().await,
+            }
+            if !blocks_open || cancel.is_cancelled() {
+                let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + self.config.shutdown_timeout);
+                let (rows, _) = self.shared.outbox_size();
+                if !blocks_open && (rows == 0 || Instant::now() >= deadline) {
+                    if rows > 0 {
+                        tracing::warn!(rows, "shutdown timeout: rows stay in the outbox and replay at the next start");
+                    }
+                    break;
+                }
+            }
+            self.fill().await;
+        }
+        self.publish_status().await;
+        let _ = self.client.try_disconnect();
+    }
+
+    fn on_block(&mut self, block: Block) {
+        // Above the cap, forget the block: it is in the outbox and will be
+        // loaded from there when the cursor reaches it.
+        if self.memory_rows + block.readings.len() <= self.memory_cap {
+            self.memory_rows += block.readings.len();
+            self.memory.push_back(block);
+        }
+    }
+
+    fn on_event(&mut self, event: MqttEvent) {
+        match event {
+            MqttEvent::Connected => {
+                let topic = match self.config.confirm {
+                    ConfirmMode::Echo => &self.config.data_topic,
+                    ConfirmMode::Ingest => &self.config.ack_topic,
+                };
+                if let Err(error) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                    tracing::error!(%error, "cannot queue the subscription");
+                }
+                self.window.clear();
+                self.shared.metrics.inflight_batches.set(0);
+                self.cursor = 0;
+                let until = self.shared.committed_high();
+                self.state = ConnState::Replaying { until };
+                tracing::info!(outbox_rows = self.shared.outbox_size().0, until, "connected; replaying the outbox");
+            }
+            MqttEvent::Disconnected => {
+                if self.state != ConnState::Offline {
+                    tracing::warn!(inflight = self.window.len(), "offline; readings accumulate in the outbox");
+                }
+                self.state = ConnState::Offline;
+            }
+            MqttEvent::Message { topic, payload } => {
+                if topic == self.config.data_topic && self.config.confirm == ConfirmMode::Echo {
+                    match Batch::decode_header(&payload, self.config.max_packet_bytes) {
+                        Ok((client_id, range)) if client_id == self.config.client_id => self.confirm(range),
+                        Ok((client_id, _)) => tracing::warn!(%client_id, "batch of another client on our topic"),
+                        Err(error) => tracing::warn!(%error, "undecodable message on our own topic"),
+                    }
+                } else if topic == self.config.ack_topic && self.config.confirm == ConfirmMode::Ingest {
+                    match IngestAck::decode(&payload, self.config.max_packet_bytes) {
+                        Ok(ack) => ack.ranges.into_iter().for_each(|r| self.confirm(r)),
+                        Err(error) => tracing::warn!(%error, "undecodable ingest ack"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A confirmation of `range`: delete exactly those rows; retire the
+    /// in-flight batches it covers. A range of another epoch (an outbox that
+    /// was wiped) is ignored: those seqs mean other rows now.
+    fn confirm(&mut self, range: SeqRange) {
+        if range.epoch != self.config.epoch {
+            self.shared.metrics.confirms_unmatched.inc();
+            tracing::debug!(epoch = range.epoch, "confirmation for another outbox epoch ignored");
+            return;
+        }
+        let retired = self.window.confirm(range.first_seq, range.last_seq);
+        if retired.is_empty() {
+            self.shared.metrics.confirms_unmatched.inc();
+        }
+        let readings: u64 = retired.iter().map(|(_, b)| b.readings).sum();
+        match self.config.confirm {
+            ConfirmMode::Echo => self.shared.metrics.readings_echoed.inc_by(readings),
+            ConfirmMode::Ingest => self.shared.metrics.readings_ingest_acked.inc_by(readings),
+        };
+        self.shared.metrics.inflight_batches.set(self.window.len() as i64);
+        // Deleting rows that are already gone is harmless; the echo proves
+        // the broker took exactly these seqs (seq → reading never changes).
+        let _ = self.deletes.send((range.first_seq, range.last_seq));
+    }
+
+    async fn on_tick(&mut self) {
+        if self.pg_retry_at.is_some_and(|t| Instant::now() >= t) {
+            self.pg_retry_at = None;
+        }
+        if self.state != ConnState::Offline {
+            let now = Instant::now();
+            for first in self.window.overdue(now, self.config.confirm_timeout) {
+                let Some(batch) = self.window.get_mut(first) else { continue };
+                if self
+                    .client
+                    .try_publish(&self.config.data_topic, QoS::AtLeastOnce, false, batch.payload.clone())
+                    .is_ok()
+                {
+                    batch.attempts += 1;
+                    batch.sent_at = now;
+                    self.shared.metrics.batches_republished.inc();
+                    self.shared.metrics.batches_published.inc();
+                    tracing::info!(
+                        first_seq = first,
+                        last_seq = batch.last_seq,
+                        attempt = batch.attempts,
+                        "batch unconfirmed after the timeout; published again"
+                    );
+                }
+            }
+        }
+        if !self.config.status_interval.is_zero() && self.last_status.elapsed() >= self.config.status_interval {
+            self.publish_status().await;
+        }
+    }
+
+    async fn publish_status(&mut self) {
+        let elapsed = self.last_status.elapsed().as_secs_f64().max(1e-3);
+        self.last_status = Instant::now();
+        let m = &self.shared.metrics;
+        let received = m.readings_received.get();
+        let confirmed = m.readings_echoed.get() + m.readings_ingest_acked.get();
+        let (rows, bytes) = self.shared.outbox_size();
+        let oldest_age_s = if rows == 0 || self.pg_retry_at.is_some() {
+            0.0
+        } else {
+            self.outbox.oldest_age_secs().await.unwrap_or_else(|_| {
+                self.outbox.reset();
+                0.0
+            })
+        };
+        let status = AgentStatus {
+            version: telemetry_wire::status::STATUS_VERSION,
+            client_id: self.config.client_id.clone(),
+            ts: crate::now_micros(),
+            outbox_rows: rows,
+            outbox_bytes: bytes,
+            oldest_age_s,
+            received_per_s: (received - self.last_received) as f64 / elapsed,
+            confirmed_per_s: (confirmed.saturating_sub(self.last_confirmed)) as f64 / elapsed,
+            connected: self.state != ConnState::Offline,
+        };
+        self.last_received = received;
+        self.last_confirmed = confirmed;
+        if self.state != ConnState::Offline {
+            let _ = self.client.try_publish(&self.config.status_topic, QoS::AtLeastOnce, true, status.encode());
+        }
+    }
+
+    /// Publishes batches while the window has room.
+    async fn fill(&mut self) {
+        if self.state == ConnState::Offline {
+            return;
+        }
+        while self.window.has_room() {
+            let Some((first_seq, readings)) = self.next_batch().await else {
+                if let ConnState::Replaying { .. } = self.state {
+                    if self.pg_retry_at.is_none() {
+                        self.state = ConnState::Live;
+                        tracing::info!(cursor = self.cursor, "replay done; live");
+                    }
+                }
+                break;
+            };
+            let n = readings.len() as u64;
+            let last_seq = first_seq + n - 1;
+            let mut payload = Vec::new();
+            Batch::encode_parts(&self.config.client_id, self.config.epoch, first_seq, &readings, &mut payload);
+            let sent_at =
+                match self.client.try_publish(&self.config.data_topic, QoS::AtLeastOnce, false, payload.clone()) {
+                    Ok(()) => Instant::now(),
+                    // The request queue is full (or the loop is reconnecting):
+                    // keep the batch in flight as already overdue, so the next
+                    // tick publishes it again.
+                    Err(_) => Instant::now().checked_sub(self.config.confirm_timeout).unwrap_or_else(Instant::now),
+                };
+            self.shared.metrics.batches_published.inc();
+            self.shared.metrics.readings_published.inc_by(n);
+            if let ConnState::Replaying { until } = self.state {
+                let replayed = until.min(last_seq).saturating_sub(first_seq - 1);
+                self.shared.metrics.readings_replayed.inc_by(replayed);
+                if last_seq >= until {
+                    self.state = ConnState::Live;
+                    tracing::info!(cursor = last_seq, "replay done; live");
+                }
+            }
+            self.window.insert(first_seq, Inflight { last_seq, readings: n, payload, sent_at, attempts: 1 });
+            self.shared.metrics.inflight_batches.set(self.window.len() as i64);
+            self.cursor = last_seq;
+        }
+    }
+
+    /// The next contiguous run of rows above the cursor, from memory when it
+    /// holds them, else from the outbox. `None` when caught up (or Postgres
+    /// is unavailable and memory has nothing contiguous).
+    async fn next_batch(&mut self) -> Option<(u64, Vec<Reading>)> {
+        loop {
+            self.trim_memory();
+            if let Some(front) = self.memory.front_mut() {
+                if front.first_seq == self.cursor + 1 {
+                    let n = cut(
+                        front.readings.iter().map(Reading::encoded_len),
+                        self.config.batch_max_readings,
+                        self.config.batch_max_bytes,
+                    );
+                    let first_seq = front.first_seq;
+                    let readings = if n == front.readings.len() {
+                        // Invariant: front exists (matched above).
+                        self.memory.pop_front().expect("front exists").readings
+                    } else {
+                        let rest = front.readings.split_off(n);
+                        front.first_seq += n as u64;
+                        std::mem::replace(&mut front.readings, rest)
+                    };
+                    self.memory_rows -= readings.len();
+                    return Some((first_seq, readings));
+                }
+            }
+            if self.pg_retry_at.is_some() {
+                return None;
+            }
+            match self.outbox.load(self.cursor, self.config.batch_max_readings).await {
+                Ok(rows) if rows.is_empty() => {
+                    // Nothing in the outbox above the cursor before memory.
+                    let front = self.memory.front()?.first_seq;
+                    self.cursor = front - 1;
+                }
+                Ok(rows) => {
+                    let first = rows[0].0;
+                    if self.memory.front().is_some_and(|b| b.first_seq <= first) {
+                        self.cursor = self.memory.front().map_or(self.cursor, |b| b.first_seq - 1);
+                        continue;
+                    }
+                    let contiguous =
+                        rows.iter().enumerate().take_while(|(i, (seq, _))| *seq == first + *i as u64).count();
+                    let n = cut(
+                        rows[..contiguous].iter().map(|(_, r)| r.encoded_len()),
+                        self.config.batch_max_readings,
+                        self.config.batch_max_bytes,
+                    );
+                    let readings = rows.into_iter().take(n).map(|(_, r)| r).collect();
+                    return Some((first, readings));
+                }
+                Err(error) => {
+                    self.shared.metrics.postgres_errors.inc();
+                    self.outbox.reset();
+                    self.pg_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    tracing::warn!(%error, "loading rows from the outbox failed; retrying in 1 s");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Drops memory that is at or below the cursor.
+    fn trim_memory(&mut self) {
+        while let Some(front) = self.memory.front_mut() {
+            let last = front.first_seq + front.readings.len() as u64 - 1;
+            if front.readings.is_empty() || last <= self.cursor {
+                self.memory_rows -= front.readings.len();
+                self.memory.pop_front();
+                continue;
+            }
+            if front.first_seq <= self.cursor {
+                let skip = usize::try_from(self.cursor + 1 - front.first_seq).unwrap_or(usize::MAX);
+                front.readings.drain(..skip);
+                front.first_seq = self.cursor + 1;
+                self.memory_rows -= skip;
+            }
+            break;
+        }
+    }
+}

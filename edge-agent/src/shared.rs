@@ -1,0 +1,72 @@
+//! State shared by the agent's tasks: metrics, the outbox size (for the
+//! quota and the status message), and the highest committed seq.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// Shared by every task of one agent.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Counters.
+    pub metrics: Metrics,
+    rows: AtomicU64,
+    bytes: AtomicU64,
+    committed_high: AtomicU64,
+    /// Notified whenever rows leave the outbox (quota waiters).
+    pub space_freed: Notify,
+    /// Whether the broker connection is up.
+    pub connected: AtomicBool,
+}
+
+impl Shared {
+    /// Sets the outbox size read at start-up.
+    pub fn init_rows(&self, rows: u64, bytes: u64) {
+        self.rows.store(rows, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.publish_size();
+    }
+
+    /// Rows were committed.
+    pub fn add_rows(&self, rows: u64, bytes: u64) {
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.publish_size();
+    }
+
+    /// Rows were deleted or dropped.
+    pub fn sub_rows(&self, rows: u64, bytes: u64) {
+        let sub = |a: &AtomicU64, v: u64| {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(x.saturating_sub(v)));
+        };
+        sub(&self.rows, rows);
+        sub(&self.bytes, bytes);
+        self.publish_size();
+        self.space_freed.notify_waiters();
+    }
+
+    /// (rows, bytes) in the outbox.
+    #[must_use]
+    pub fn outbox_size(&self) -> (u64, u64) {
+        (self.rows.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+
+    fn publish_size(&self) {
+        let (rows, bytes) = self.outbox_size();
+        self.metrics.outbox_rows.set(i64::try_from(rows).unwrap_or(i64::MAX));
+        self.metrics.outbox_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The highest seq committed so far.
+    #[must_use]
+    pub fn committed_high(&self) -> u64 {
+        self.committed_high.load(Ordering::Relaxed)
+    }
+
+    /// Records the highest committed seq.
+    pub fn set_committed_high(&self, seq: u64) {
+        self.committed_high.store(seq, Ordering::Relaxed);
+    }
+}

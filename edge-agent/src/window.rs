@@ -1,0 +1,180 @@
+//! The in-flight window: batches published and not yet confirmed. Pure
+//! state, no I/O, so its rules are unit-tested without a broker.
+//!
+//! Confirmations name exact seq ranges. A confirmation removes every batch
+//! it fully covers, whatever order batches were published or confirmed in;
+//! a batch only partly covered (re-cut after a restart) stays until it times
+//! out and is published again, which is safe: duplicates are removed by
+//! identity downstream, while a missed batch would be a loss.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// One published batch.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// Last seq (the key is the first).
+    pub last_seq: u64,
+    /// Readings in the batch.
+    pub readings: u64,
+    /// The encoded payload, kept for republishing.
+    pub payload: Vec<u8>,
+    /// Last (re)publication.
+    pub sent_at: Instant,
+    /// Publications so far.
+    pub attempts: u32,
+}
+
+/// Batches in flight, keyed by first seq.
+#[derive(Debug, Default)]
+pub struct Window {
+    capacity: usize,
+    batches: BTreeMap<u64, Inflight>,
+}
+
+impl Window {
+    /// A window of at most `capacity` batches.
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), batches: BTreeMap::new() }
+    }
+
+    /// Whether another batch may be published.
+    #[must_use]
+    pub fn has_room(&self) -> bool {
+        self.batches.len() < self.capacity
+    }
+
+    /// Batches in flight.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Whether nothing is in flight.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Records a publication of `first_seq..=batch.last_seq`.
+    pub fn insert(&mut self, first_seq: u64, batch: Inflight) {
+        self.batches.insert(first_seq, batch);
+    }
+
+    /// Removes and returns every batch fully inside `first..=last`.
+    pub fn confirm(&mut self, first: u64, last: u64) -> Vec<(u64, Inflight)> {
+        let keys: Vec<u64> =
+            self.batches.range(first..=last).filter(|(_, b)| b.last_seq <= last).map(|(&k, _)| k).collect();
+        keys.into_iter().filter_map(|k| self.batches.remove(&k).map(|b| (k, b))).collect()
+    }
+
+    /// First seqs of batches unconfirmed for longer than `timeout`.
+    #[must_use]
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<u64> {
+        self.batches.iter().filter(|(_, b)| now.duration_since(b.sent_at) >= timeout).map(|(&k, _)| k).collect()
+    }
+
+    /// The batch starting at `first_seq`, to republish it.
+    pub fn get_mut(&mut self, first_seq: u64) -> Option<&mut Inflight> {
+        self.batches.get_mut(&first_seq)
+    }
+
+    /// Forgets everything (a new connection replays from the outbox).
+    pub fn clear(&mut self) {
+        self.batches.clear();
+    }
+}
+
+/// How many of `sizes` (encoded reading sizes, in seq order) go into the
+/// next batch: at least one, at most `max_readings`, and no more than
+/// `max_bytes` of readings unless a single reading is larger.
+#[must_use]
+pub fn cut(sizes: impl Iterator<Item = usize>, max_readings: usize, max_bytes: usize) -> usize {
+    let mut n = 0;
+    let mut bytes = 0;
+    for size in sizes.take(max_readings.max(1)) {
+        if n > 0 && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(last_seq: u64) -> Inflight {
+        Inflight { last_seq, readings: 1, payload: Vec::new(), sent_at: Instant::now(), attempts: 1 }
+    }
+
+    #[test]
+    fn a_confirmation_removes_exactly_the_batches_it_covers() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        w.insert(21, batch(30));
+        let removed: Vec<u64> = w.confirm(11, 20).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(removed, vec![11]);
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn confirmations_in_any_order_are_honoured() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        assert_eq!(w.confirm(11, 20).len(), 1);
+        assert_eq!(w.confirm(1, 10).len(), 1);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_partly_covering_confirmation_keeps_the_batch() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        assert!(w.confirm(1, 5).is_empty());
+        assert!(w.confirm(5, 20).is_empty());
+        assert_eq!(w.len(), 1);
+        // A wide range (several stored batches merged) covers it.
+        assert_eq!(w.confirm(1, 100).len(), 1);
+    }
+
+    #[test]
+    fn a_cumulative_style_confirmation_of_a_later_batch_does_not_confirm_an_earlier_one() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        w.confirm(11, 20);
+        assert!(w.get_mut(1).is_some(), "batch 1..=10 must stay until its own confirmation");
+    }
+
+    #[test]
+    fn overdue_batches_are_found_by_age() {
+        let mut w = Window::new(8);
+        let old = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
+        w.insert(1, Inflight { sent_at: old, ..batch(10) });
+        w.insert(11, batch(20));
+        assert_eq!(w.overdue(Instant::now(), Duration::from_secs(5)), vec![1]);
+    }
+
+    #[test]
+    fn the_window_has_a_capacity() {
+        let mut w = Window::new(2);
+        w.insert(1, batch(1));
+        assert!(w.has_room());
+        w.insert(2, batch(2));
+        assert!(!w.has_room());
+    }
+
+    #[test]
+    fn batches_are_cut_by_count_and_bytes() {
+        assert_eq!(cut([10; 100].into_iter(), 30, 1000), 30);
+        assert_eq!(cut([10; 100].into_iter(), 1000, 95), 9);
+        assert_eq!(cut([500].into_iter(), 10, 100), 1, "one oversize reading still goes alone");
+        assert_eq!(cut(std::iter::empty(), 10, 100), 0);
+    }
+}

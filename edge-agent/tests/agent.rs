@@ -1,0 +1,302 @@
+//! The edge agent against real Postgres and Mosquitto.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edge_agent::config::{ConfirmMode, ListenAddr, QuotaPolicy};
+use edge_agent::metrics::family_total;
+use edge_agent::Agent;
+use emulators::stream::{Codec, Endpoint, Rate};
+use test_support::{fresh_pg_database, topic_prefix, PrivateService, Service};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const PG_MQTT: &[Service] = &[Service::Postgres, Service::Mqtt];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_deletes_the_batches_and_the_outbox_drains_to_zero() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let collector = Collector::start(&stack.mqtt_host, stack.mqtt_port, &prefix).await;
+    let agent = Agent::start(agent_config(&pg, stack.mqtt_port, &prefix), CancellationToken::new()).await.unwrap();
+    let n = 20_000;
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::Max, "temperature"));
+    let stats = emu.await.unwrap();
+    assert_eq!(stats.acked, n, "every reading acked after commit");
+    let m = agent.shared.metrics.clone();
+    eventually(Duration::from_secs(30), "outbox drained", || agent.shared.outbox_size().0 == 0).await;
+    assert_eq!(outbox_rows(&pg).await, 0);
+    assert_eq!(m.readings_committed.get(), n);
+    assert_eq!(m.rows_deleted.get(), n, "each committed row deleted exactly once");
+    assert!(m.readings_echoed.get() >= n);
+    eventually(Duration::from_secs(10), "collector saw everything", || collector.distinct() == n as usize).await;
+    assert_eq!(collector.missing_from(&expected_ids(4, "temperature", n)), 0);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulators_stream_over_tcp_and_unix_in_both_codecs() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let sock = std::env::temp_dir().join(format!("{}.sock", test_support::unique_name("agent")));
+    let mut config = agent_config(&pg, stack.mqtt_port, &prefix);
+    config.listen = vec![ListenAddr::Tcp("127.0.0.1:0".into()), ListenAddr::Unix(sock.clone())];
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let mut total = 0;
+    for (i, (addr, codec)) in [
+        (&agent.listen_addrs[0], Codec::Bincode),
+        (&agent.listen_addrs[0], Codec::Json),
+        (&agent.listen_addrs[1], Codec::Bincode),
+        (&agent.listen_addrs[1], Codec::Json),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = emulator(endpoint(addr), 1000, Rate::Max, &format!("s{i}"));
+        c.codec = codec;
+        let (_, emu, _) = spawn_emulator(c);
+        let stats = emu.await.unwrap();
+        assert_eq!(stats.acked, 1000, "{addr} {codec:?}");
+        total += 1000;
+    }
+    assert_eq!(agent.shared.metrics.readings_committed.get(), total);
+    eventually(Duration::from_secs(30), "outbox drained", || agent.shared.outbox_size().0 == 0).await;
+    agent.shutdown().await;
+    assert!(!sock.exists(), "the unix socket is removed at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stopped_for_seconds_mid_stream_loses_nothing() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let broker = PrivateService::start(Service::Mqtt);
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let collector = Collector::start("127.0.0.1", broker.port, &prefix).await;
+    let agent = Agent::start(agent_config(&pg, broker.port, &prefix), CancellationToken::new()).await.unwrap();
+    let n = 24_000;
+    let (progress, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::PerSecond(4000), "t"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.stop();
+    let acked_while_down = progress.acked.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        progress.acked.load(std::sync::atomic::Ordering::Relaxed) > acked_while_down,
+        "the outbox keeps accepting while the broker is down"
+    );
+    broker.restart();
+    assert_eq!(emu.await.unwrap().acked, n);
+    eventually(Duration::from_secs(60), "outbox drained after the broker returned", || {
+        agent.shared.outbox_size().0 == 0
+    })
+    .await;
+    eventually(Duration::from_secs(20), "collector saw every reading", || collector.distinct() == n as usize).await;
+    assert_eq!(collector.missing_from(&expected_ids(4, "t", n)), 0);
+    let m = &agent.shared.metrics;
+    assert!(m.mqtt_connects.get() >= 2, "reconnected");
+    assert!(m.readings_replayed.get() > 0, "replayed the outbox after reconnecting");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_stream_loses_no_acked_reading() {
+    let Some(stack) = stack_or_skip(&[Service::Mqtt]) else { return };
+    let pg = PrivateService::start(Service::Postgres);
+    let prefix = topic_prefix();
+    let collector = Collector::start(&stack.mqtt_host, stack.mqtt_port, &prefix).await;
+    let agent =
+        Agent::start(agent_config(&pg.pg_url(), stack.mqtt_port, &prefix), CancellationToken::new()).await.unwrap();
+    let n = 20_000;
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::PerSecond(4000), "p"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restart();
+    assert_eq!(emu.await.unwrap().acked, n, "the reliable emulator gets every reading acked eventually");
+    eventually(Duration::from_secs(60), "collector saw every reading", || collector.distinct() == n as usize).await;
+    assert_eq!(collector.missing_from(&expected_ids(4, "p", n)), 0);
+    assert!(agent.shared.metrics.postgres_errors.get() > 0, "the outage was noticed");
+    eventually(Duration::from_secs(30), "outbox drained", || agent.shared.outbox_size().0 == 0).await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_quota_backpressure_holds_sensors_without_acking() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    // No broker on this port: nothing is ever confirmed.
+    let mut config = agent_config(&pg, test_support::free_port(), &topic_prefix());
+    config.quota_rows = 1000;
+    config.commit_max_rows = 100;
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let mut c = emulator(endpoint(&agent.listen_addrs[0]), 5000, Rate::Max, "q");
+    c.reliable = false;
+    c.final_ack_wait = Duration::from_millis(500);
+    let (progress, emu, cancel) = spawn_emulator(c);
+    let m = agent.shared.metrics.clone();
+    eventually(Duration::from_secs(20), "quota reached", || m.quota_backpressure.get() > 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(agent.shared.outbox_size().0 <= 1000);
+    assert!(progress.acked.load(std::sync::atomic::Ordering::Relaxed) <= 1000, "nothing beyond the quota acked");
+    assert_eq!(m.rows_dropped.get(), 0);
+    assert_eq!(outbox_rows(&pg).await, agent.shared.outbox_size().0 as i64);
+    cancel.cancel();
+    let _ = emu.await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_quota_drop_oldest_drops_and_counts() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let mut config = agent_config(&pg, test_support::free_port(), &topic_prefix());
+    config.quota_rows = 1000;
+    config.quota_policy = QuotaPolicy::DropOldest;
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 5000, Rate::Max, "d"));
+    assert_eq!(emu.await.unwrap().acked, 5000, "drop-oldest keeps accepting");
+    let m = &agent.shared.metrics;
+    assert_eq!(m.readings_committed.get(), 5000);
+    assert!(m.rows_dropped.get() >= 4000, "dropped {}", m.rows_dropped.get());
+    let rows = outbox_rows(&pg).await;
+    assert!(rows <= 1000 && rows as u64 == 5000 - m.rows_dropped.get(), "rows {rows}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_closes_only_that_connection() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let agent =
+        Agent::start(agent_config(&pg, stack.mqtt_port, &topic_prefix()), CancellationToken::new()).await.unwrap();
+    let ListenAddr::Tcp(addr) = agent.listen_addrs[0].clone() else { unreachable!() };
+    let (_, good, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 5000, Rate::PerSecond(5000), "g"));
+    let m = agent.shared.metrics.clone();
+
+    // A frame with an unknown version byte.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[5, 0, 0, 0, 9, 1, 2, 3, 4]).await.unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0; 64])).await.unwrap().unwrap(), 0);
+    // A 2 GiB length prefix.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 0x80, 1]).await.unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0; 64])).await.unwrap().unwrap(), 0);
+    // A JSON line that is not a reading.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"{\"sensor\": 1}\n").await.unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0; 64])).await.unwrap().unwrap(), 0);
+    assert_eq!(family_total(&m.frames_rejected, &["unknown_version", "oversize", "malformed_json"]), 3);
+
+    // Invalid readings inside a valid frame are rejected one by one; the
+    // frame is still acked and the connection stays open.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut line = Vec::new();
+    telemetry_wire::json::write_line(&telemetry_wire::Reading::new("x", START_TS, 1.0), &mut line);
+    s.write_all(&line).await.unwrap();
+    s.write_all(b"{\"sensor\":\"x\",\"ts\":5,\"value\":1.0}\n").await.unwrap();
+    let mut buf = vec![0; 256];
+    let mut got = String::new();
+    while !got.contains("{\"acked\":2}") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "connection stays open; got {got:?}");
+        got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    assert_eq!(family_total(&m.readings_rejected, &["timestamp_range"]), 1);
+
+    assert_eq!(good.await.unwrap().acked, 5000, "the good sensor was not disturbed");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_with_sigkill_resumes_from_the_outbox() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let collector = Collector::start(&stack.mqtt_host, stack.mqtt_port, &prefix).await;
+    let port = test_support::free_port();
+    let mqtt_id = test_support::unique_name("agent");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .env("EDGE_AGENT_POSTGRES_URL", &pg)
+            .env("EDGE_AGENT_MQTT_PORT", stack.mqtt_port.to_string())
+            .env("EDGE_AGENT_TOPIC_PREFIX", &prefix)
+            .env("EDGE_AGENT_LISTEN", format!("tcp://127.0.0.1:{port}"))
+            .env("EDGE_AGENT_HTTP_LISTEN", "")
+            .env("EDGE_AGENT_MQTT_CLIENT_ID", &mqtt_id)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the agent binary")
+    };
+    let mut agent = spawn();
+    let n = 30_000;
+    let (progress, emu, _) =
+        spawn_emulator(emulator(Endpoint::Tcp(format!("127.0.0.1:{port}")), n, Rate::PerSecond(6000), "k"));
+    eventually(Duration::from_secs(20), "some readings acked", || {
+        progress.acked.load(std::sync::atomic::Ordering::Relaxed) > 6000
+    })
+    .await;
+    agent.start_kill().unwrap(); // SIGKILL
+    agent.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut agent = spawn();
+    let stats = emu.await.unwrap();
+    assert_eq!(stats.acked, n, "the reliable emulator resent what was not acked");
+    assert!(stats.connects >= 2);
+    eventually(Duration::from_secs(30), "every acked reading reached the broker", || {
+        collector.distinct() == n as usize
+    })
+    .await;
+    assert_eq!(collector.missing_from(&expected_ids(4, "k", n)), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while outbox_rows(&pg).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "outbox drains after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SIGTERM: a clean, prompt exit with status 0.
+    let pid = agent.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), agent.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let mut config = agent_config(&pg, stack.mqtt_port, &prefix);
+    config.confirm = ConfirmMode::Ingest;
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "i"));
+    assert_eq!(emu.await.unwrap().acked, 3000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(agent.shared.outbox_size().0, 3000, "echoes do not delete in ingest mode");
+
+    // Play the ingest server: ack two exact ranges, one from the middle.
+    let mut options = rumqttc::MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let ack = |first_seq, last_seq| telemetry_wire::IngestAck {
+        ranges: vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq, last_seq }],
+    };
+    let topic = format!("{prefix}/ack/dev-1");
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1001, 2000).encode()).await.unwrap();
+    eventually(Duration::from_secs(10), "middle range deleted", || agent.shared.outbox_size().0 == 2000).await;
+    // An ack for another epoch deletes nothing.
+    let foreign = telemetry_wire::IngestAck {
+        ranges: vec![telemetry_wire::SeqRange { epoch: agent.epoch ^ 1, first_seq: 1, last_seq: 3000 }],
+    };
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, foreign.encode()).await.unwrap();
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1, 1000).encode()).await.unwrap();
+    eventually(Duration::from_secs(10), "first range deleted", || agent.shared.outbox_size().0 == 1000).await;
+    let (pgc, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = pgc.query_one("SELECT min(seq), max(seq), count(*) FROM edge_agent.outbox", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2001, 3000, 1000));
+    agent.shutdown().await;
+}
