@@ -25,6 +25,8 @@ pub struct Block {
     pub first_seq: u64,
     /// The committed readings, in seq order.
     pub readings: Vec<Reading>,
+    /// When it was committed (the publisher lingers briefly to fill batches).
+    pub committed_at: Instant,
 }
 
 /// Settings of the committer.
@@ -111,7 +113,7 @@ pub async fn run(
             shared.metrics.readings_acked.inc_by(readings.len() as u64);
             // The publisher reloads from the outbox when it misses a block,
             // so a full hand-off channel only costs a query, never a row.
-            let _ = handoff.try_send(Block { first_seq, readings });
+            let _ = handoff.try_send(Block { first_seq, readings, committed_at: Instant::now() });
         } else {
             for s in &subs {
                 s.ack.send_modify(|n| *n += s.units);

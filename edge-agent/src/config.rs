@@ -203,6 +203,8 @@ settings! {
     batch_max_readings: usize = 2000, env "EDGE_AGENT_BATCH_MAX_READINGS";
     /// Most payload bytes per published batch.
     batch_max_bytes: usize = 256 << 10, env "EDGE_AGENT_BATCH_MAX_BYTES";
+    /// Wait up to this many milliseconds for a partial batch to fill (0: publish at once).
+    batch_linger_ms: u64 = 20, env "EDGE_AGENT_BATCH_LINGER_MS";
     /// Batches published but not yet confirmed, at most.
     window: usize = 16, env "EDGE_AGENT_WINDOW";
     /// What confirms a batch: its echo on our own topic, or the ingest ack.

@@ -65,6 +65,8 @@ pub struct PublisherConfig {
     pub batch_max_readings: usize,
     /// Payload bytes per batch, at most (roughly: reading bytes).
     pub batch_max_bytes: usize,
+    /// Wait up to this long for a partial batch to fill before publishing it.
+    pub batch_linger: Duration,
     /// Batches in flight, at most.
     pub window: usize,
     /// Republish after this long unconfirmed.
@@ -94,6 +96,7 @@ pub struct Publisher {
     last_status: Instant,
     last_received: u64,
     last_confirmed: u64,
+    draining: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -130,6 +133,7 @@ impl Publisher {
             last_status: Instant::now(),
             last_received: 0,
             last_confirmed: 0,
+            draining: false,
         }
     }
 
@@ -142,7 +146,8 @@ impl Publisher {
         mut events: mpsc::Receiver<MqttEvent>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // The tick drives lingering batches, republishing and status.
+        let mut tick = tokio::time::interval(Duration::from_millis(10).max(self.config.batch_linger / 2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut blocks_open = true;
         let mut drain_deadline: Option<Instant> = None;
@@ -159,6 +164,7 @@ impl Publisher {
                 _ = tick.tick() => self.on_tick().await,
             }
             if !blocks_open || cancel.is_cancelled() {
+                self.draining = true;
                 let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + self.config.shutdown_timeout);
                 let (rows, _) = self.shared.outbox_size();
                 if !blocks_open && (rows == 0 || Instant::now() >= deadline) {
@@ -360,27 +366,11 @@ impl Publisher {
     async fn next_batch(&mut self) -> Option<(u64, Vec<Reading>)> {
         loop {
             self.trim_memory();
-            if let Some(front) = self.memory.front_mut() {
-                if front.first_seq == self.cursor + 1 {
-                    let n = cut(
-                        front.readings.iter().map(Reading::encoded_len),
-                        self.config.batch_max_readings,
-                        self.config.batch_max_bytes,
-                    );
-                    let first_seq = front.first_seq;
-                    let readings = if n == front.readings.len() {
-                        // Invariant: front exists (matched above).
-                        self.memory.pop_front().expect("front exists").readings
-                    } else {
-                        let rest = front.readings.split_off(n);
-                        front.first_seq += n as u64;
-                        std::mem::replace(&mut front.readings, rest)
-                    };
-                    self.memory_rows -= readings.len();
-                    return Some((first_seq, readings));
-                }
+            if self.memory.front().is_some_and(|b| b.first_seq == self.cursor + 1) {
+                return self.take_from_memory();
             }
-            if self.pg_retry_at.is_some() {
+            // Nothing committed above the cursor: no query needed.
+            if self.pg_retry_at.is_some() || self.shared.committed_high() <= self.cursor {
                 return None;
             }
             match self.outbox.load(self.cursor, self.config.batch_max_readings).await {
@@ -414,6 +404,54 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// The next batch from the committed blocks in memory, merging blocks
+    /// while their seqs are contiguous. A partial batch waits up to
+    /// `batch_linger` for more rows (fewer, fuller messages for the broker
+    /// and the ingest server), except while draining at shutdown.
+    fn take_from_memory(&mut self) -> Option<(u64, Vec<Reading>)> {
+        let first_seq = self.memory.front()?.first_seq;
+        let mut contiguous = 0usize;
+        let mut next = first_seq;
+        for b in &self.memory {
+            if b.first_seq != next {
+                break;
+            }
+            contiguous += b.readings.len();
+            next += b.readings.len() as u64;
+        }
+        let n = cut(
+            self.memory.iter().flat_map(|b| b.readings.iter()).take(contiguous).map(Reading::encoded_len),
+            self.config.batch_max_readings,
+            self.config.batch_max_bytes,
+        );
+        let full = n < contiguous || n >= self.config.batch_max_readings;
+        let oldest = self.memory.front()?.committed_at;
+        if !full && !self.draining && oldest.elapsed() < self.config.batch_linger {
+            return None;
+        }
+        let mut readings = Vec::with_capacity(n);
+        while readings.len() < n {
+            // Invariant: `n` readings are in contiguous blocks at the front.
+            let front = self.memory.front_mut().expect("n counted from these blocks");
+            let want = n - readings.len();
+            if want >= front.readings.len() {
+                let block = self.memory.pop_front().expect("front exists");
+                if readings.is_empty() {
+                    readings = block.readings;
+                    readings.reserve(n.saturating_sub(readings.len()));
+                } else {
+                    readings.extend(block.readings);
+                }
+            } else {
+                let rest = front.readings.split_off(want);
+                front.first_seq += want as u64;
+                readings.append(&mut std::mem::replace(&mut front.readings, rest));
+            }
+        }
+        self.memory_rows -= readings.len();
+        Some((first_seq, readings))
     }
 
     /// Drops memory that is at or below the cursor.

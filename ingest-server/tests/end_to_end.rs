@@ -1,0 +1,77 @@
+//! End to end: emulator → edge agent (`confirm = "ingest"`) → Mosquitto →
+//! ingest server → ClickHouse, with the ingest server SIGKILLed while it
+//! holds received but not yet inserted messages.
+
+mod harness;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::config::{ConfirmMode, ListenAddr};
+use edge_agent::Agent;
+use emulators::stream::{Endpoint, Progress, Rate, StreamConfig};
+use emulators::SensorKind;
+use harness::{Binary, World};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_between_receive_and_insert_loses_nothing_end_to_end() {
+    let Some(world) = World::new() else { return };
+    let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
+    let pg = test_support::fresh_pg_database(&stack).await;
+
+    let mut ingest_config = world.config();
+    // A long flush delay: the kill lands while messages wait in the batch.
+    ingest_config.batch_max_delay_ms = 1500;
+    let ingest = Binary::start(&ingest_config).await;
+
+    let agent_config = edge_agent::Config {
+        client_id: "e2e-1".into(),
+        mqtt_client_id: test_support::unique_name("agent"),
+        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+        postgres_url: pg.clone(),
+        mqtt_port: world.stack.mqtt_port,
+        topic_prefix: world.prefix.clone(),
+        http_listen: String::new(),
+        confirm: ConfirmMode::Ingest,
+        confirm_timeout_ms: 10_000,
+        ..edge_agent::Config::default()
+    };
+    let agent = Agent::start(agent_config, CancellationToken::new()).await.expect("agent starts");
+    let ListenAddr::Tcp(addr) = agent.listen_addrs[0].clone() else { unreachable!() };
+
+    let n = 20_000u64;
+    let mut emu = StreamConfig::new(SensorKind::Pressure, Endpoint::Tcp(addr));
+    emu.count = Some(n);
+    emu.rate = Rate::PerSecond(5000);
+    emu.sensors = 4;
+    emu.reliable = true;
+    emu.synthetic_ts = Some((harness::BASE_TS, 1000));
+    let progress = Arc::new(Progress::default());
+    let emu_task = tokio::spawn(emulators::run(emu, progress.clone(), CancellationToken::new()));
+
+    // Let some data flow and be stored, then kill the ingest server while a
+    // batch is pending (received, PUBACK withheld, not inserted).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let received = ingest.metric("telemetry_ingest_received_readings_total").await.unwrap_or(0.0);
+    let inserted = ingest.metric("telemetry_ingest_inserted_readings_total").await.unwrap_or(0.0);
+    assert!(received > 0.0, "the ingest server received data before the kill");
+    ingest.kill();
+    eprintln!("killed the ingest server: received {received}, inserted {inserted}");
+    assert!(agent.shared.outbox_size().0 > 0, "unconfirmed rows wait in the outbox");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ingest = Binary::start(&ingest_config).await;
+    assert_eq!(emu_task.await.unwrap().acked, n, "every reading acked by the agent");
+
+    world.wait_stored(n, Duration::from_secs(90)).await;
+    world.assert_rollup_exact().await;
+    harness::wait_for("the agent's outbox drained by ingest acks", Duration::from_secs(60), || {
+        agent.shared.outbox_size().0 == 0
+    })
+    .await;
+    assert!(agent.shared.metrics.readings_ingest_acked.get() > 0);
+    assert_eq!(agent.shared.metrics.readings_echoed.get(), 0, "ingest mode ignores echoes");
+    agent.shutdown().await;
+    assert!(ingest.terminate().success());
+}
