@@ -101,13 +101,17 @@ pub fn stack(needs: &[Service]) -> Option<Stack> {
     for &service in needs {
         let addr = stack.addr(service);
         if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
-            let msg = format!("{service:?} does not answer on {addr}; run `scripts/stack up`");
-            assert!(!under_ci(), "{msg} (CI=true: a missing service fails the test)");
-            eprintln!("SKIPPED: {msg}");
-            return None;
+            return missing(&format!("{service:?} does not answer on {addr}; run `scripts/stack up`"), under_ci());
         }
     }
     Some(stack)
+}
+
+/// A needed service is missing: fail under CI, skip elsewhere.
+fn missing(msg: &str, ci: bool) -> Option<Stack> {
+    assert!(!ci, "{msg} (CI=true: a missing service fails the test)");
+    eprintln!("SKIPPED: {msg}");
+    None
 }
 
 /// A name unique to this test run: `<tag>_<pid>_<random>`; safe as a
@@ -235,5 +239,28 @@ impl Drop for PrivateService {
             .arg(&self.dir)
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "CI=true")]
+    fn a_missing_service_fails_under_ci() {
+        let _ = missing("Mqtt does not answer", true);
+    }
+
+    #[test]
+    fn a_missing_service_skips_on_a_developer_machine() {
+        assert!(missing("Mqtt does not answer", false).is_none());
+    }
+
+    #[test]
+    fn unique_names_are_unique_and_identifier_safe() {
+        let (a, b) = (unique_name("t"), unique_name("t"));
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
     }
 }
