@@ -117,14 +117,16 @@ pub fn main(kind: SensorKind) -> ExitCode {
         }
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
-            "done: generated={} sent={} acked={} resent={} unacked={} connects={} elapsed={secs:.2}s rate={:.0}/s",
+            "done: generated={} sent={} acked={} resent={} unacked={} connects={} elapsed={secs:.2}s rate={:.0}/s \
+             send_rate={:.0}/s",
             stats.generated,
             stats.sent,
             stats.acked,
             stats.resent,
             stats.unacked,
             stats.connects,
-            stats.generated as f64 / secs.max(1e-9)
+            stats.generated as f64 / secs.max(1e-9),
+            stats.generated as f64 / stats.generating_secs.max(1e-9)
         );
         if args.reliable && stats.unacked > 0 {
             ExitCode::from(2)

@@ -190,7 +190,7 @@ pub struct Progress {
 }
 
 /// Final figures of a [`run`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StreamStats {
     /// Readings generated.
     pub generated: u64,
@@ -205,6 +205,9 @@ pub struct StreamStats {
     /// Readings generated but never acked (lost without `--reliable`, or left
     /// when the drain timed out).
     pub unacked: u64,
+    /// Seconds from the start until the last reading was generated (the
+    /// sending rate, without the wait for the last acks).
+    pub generating_secs: f64,
 }
 
 /// A frame (or JSON chunk) written but not yet acked.
@@ -224,6 +227,7 @@ struct Generator {
     limit: Option<u64>,
     started: Instant,
     duration: Option<Duration>,
+    finished_at: Option<Instant>,
 }
 
 impl Generator {
@@ -243,6 +247,9 @@ impl Generator {
             batch.push(self.signals[idx].next_reading(now));
         }
         self.generated += n as u64;
+        if self.limit.is_some_and(|l| self.generated >= l) && self.finished_at.is_none() {
+            self.finished_at = Some(Instant::now());
+        }
     }
 }
 
@@ -266,6 +273,7 @@ pub async fn run(config: StreamConfig, progress: Arc<Progress>, cancel: Cancella
         limit: config.count,
         started: Instant::now(),
         duration: config.duration,
+        finished_at: None,
     };
     let mut unacked: VecDeque<Unacked> = VecDeque::new();
     let mut backoff = new_backoff();
@@ -435,6 +443,8 @@ fn finish(
     progress: &Progress,
 ) -> StreamStats {
     stats.generated = generator.generated;
+    let end = generator.finished_at.unwrap_or_else(Instant::now);
+    stats.generating_secs = end.duration_since(generator.started).as_secs_f64();
     stats.unacked = stats.generated.saturating_sub(stats.acked);
     progress.generated.store(stats.generated, Ordering::Relaxed);
     progress.connected.store(false, Ordering::Relaxed);
