@@ -300,3 +300,31 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2001, 3000, 1000));
     agent.shutdown().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_are_served_over_http() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let mut config = agent_config(&pg, stack.mqtt_port, &topic_prefix());
+    config.http_listen = "127.0.0.1:0".into();
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 1000, Rate::Max, "h"));
+    assert_eq!(emu.await.unwrap().acked, 1000);
+    let http = agent.http_addr.expect("http listener");
+    let metrics = http_get(http, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("telemetry_agent_readings_committed_total 1000"), "{metrics}");
+    assert!(metrics.contains("telemetry_agent_outbox_rows "), "{metrics}");
+    let health = http_get(http, "/healthz").await;
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(http_get(http, "/nope").await.starts_with("HTTP/1.1 404"));
+    agent.shutdown().await;
+}
