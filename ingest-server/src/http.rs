@@ -1,5 +1,6 @@
-//! The HTTP listener: `/metrics` (Prometheus text) and `/healthz`.
-//! Issue 5's dashboard and `/api/` routes join this router.
+//! The HTTP listener: the dashboard at `/` ([`crate::dashboard`]), the JSON
+//! API under `/api/` ([`crate::api`]), `/metrics` (Prometheus text) and
+//! `/healthz`.
 
 use std::sync::Arc;
 
@@ -10,11 +11,17 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::Api;
 use crate::metrics::Metrics;
 
 /// The router, for tests and for embedding.
-pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route("/metrics", get(render)).route("/healthz", get(|| async { "ok\n" })).with_state(metrics)
+pub fn router(metrics: Arc<Metrics>, api: Api) -> Router {
+    Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics)
+        .nest("/api", api.router())
+        .merge(crate::dashboard::router())
 }
 
 async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -22,8 +29,8 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 /// Serves until `stop`.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let result = axum::serve(listener, router(metrics)).with_graceful_shutdown(stop.cancelled_owned()).await;
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, api: Api, stop: CancellationToken) {
+    let result = axum::serve(listener, router(metrics, api)).with_graceful_shutdown(stop.cancelled_owned()).await;
     if let Err(error) = result {
         tracing::error!(%error, "HTTP listener failed");
     }

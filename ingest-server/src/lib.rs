@@ -21,13 +21,16 @@
 //! - [`rollup`]: the exact 1-minute rollup, recomputed from deduplicated data.
 //! - [`deadletter`]: rows for `ingest_errors`.
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/healthz`.
+//! - [`api`]: the JSON API under `/api/`; [`dashboard`]: the page at `/`.
 //!
 //! The delivery rules (what is acked when) are at the top of [`acker`] and
 //! [`writer`]; `deploy/clickhouse-schema.md` documents the tables.
 
 pub mod acker;
+pub mod api;
 pub mod batcher;
 pub mod config;
+pub mod dashboard;
 pub mod deadletter;
 pub mod dedup;
 pub mod http;
@@ -158,8 +161,9 @@ async fn serve(
         let listener = tokio::net::TcpListener::bind(&config.http_address)
             .await
             .map_err(|source| RunError::Http { address: config.http_address.clone(), source })?;
-        tracing::info!(address = %config.http_address, "HTTP listener for /metrics and /healthz");
-        tracker.spawn(http::serve(listener, metrics.clone(), hard_stop.clone()));
+        tracing::info!(address = %config.http_address, "HTTP listener: dashboard at /, /api/, /metrics, /healthz");
+        let api = api::Api::new(config, flavor, metrics.clone());
+        tracker.spawn(http::serve(listener, metrics.clone(), api, hard_stop.clone()));
     }
 
     let topics = subscriber::Topics::new(&config.topic_prefix);

@@ -1,0 +1,327 @@
+//! The SQL behind `/api/`, for both schema flavours, and its row types.
+//!
+//! Every builder returns a [`Query`] whose user-supplied values were attached
+//! with `.bind()` (escaped by the client library), never formatted into the
+//! text; only table names (validated at start) and fixed fragments are.
+//! `Query::sql_display` shows the final text, which the tests run on current
+//! ClickHouse (chdb) as well as on 18.16.
+//!
+//! Raw readings are deduplicated by identity (`GROUP BY client_id, sensor,
+//! ts`), the rollup and the statuses are read with `FINAL`.
+
+use clickhouse::query::Query;
+use clickhouse::{Client, Row};
+use serde::Deserialize;
+
+use crate::schema::{Flavor, Tables};
+
+/// How far back `/api/clients` looks for clients in the rollup, seconds.
+pub const CLIENT_LOOKBACK_S: i64 = 7 * 24 * 3600;
+/// Most rows `/api/series` returns (sensors × minutes).
+pub const MAX_SERIES_ROWS: u32 = 50_000;
+/// The windows of `/api/averages`, minutes.
+pub const AVERAGE_WINDOWS: [u32; 3] = [1, 5, 30];
+
+/// "`ts` at or after a bound µs value", with partition pruning on 18.16
+/// (whose partitions are by the materialized `dt`). Bind with [`bind_since`].
+fn since_sql(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Legacy => "ts >= toInt64(?) AND dt >= toDateTime(intDiv(toInt64(?), 1000000))",
+        Flavor::Current => "ts >= fromUnixTimestamp64Micro(toInt64(?), 'UTC')",
+    }
+}
+
+fn bind_since(query: Query, flavor: Flavor, us: i64) -> Query {
+    match flavor {
+        Flavor::Legacy => query.bind(us).bind(us),
+        Flavor::Current => query.bind(us),
+    }
+}
+
+/// `expr` (a `ts` value) as Int64 microseconds.
+fn micros(flavor: Flavor, expr: &str) -> String {
+    match flavor {
+        Flavor::Legacy => expr.to_owned(),
+        Flavor::Current => format!("toUnixTimestamp64Micro({expr})"),
+    }
+}
+
+/// A client seen in the rollup.
+#[derive(Debug, Row, Deserialize)]
+pub struct RollupClient {
+    /// The device.
+    pub client_id: String,
+    /// Its sensors.
+    pub sensors: Vec<String>,
+    /// Its latest minute with data, Unix seconds.
+    pub last_minute: u32,
+}
+
+/// Clients with data in the rollup during the last [`CLIENT_LOOKBACK_S`].
+pub fn rollup_clients(client: &Client, tables: &Tables, now_s: i64, limit: u32) -> Query {
+    // No FINAL needed: every version of a row has the same key, and only keys are read.
+    let sql = format!(
+        "SELECT client_id, groupUniqArray(sensor) AS sensors, toUInt32(max(minute)) AS last_minute
+FROM {t} WHERE minute >= toDateTime(?) GROUP BY client_id ORDER BY client_id LIMIT ?",
+        t = tables.readings_1m
+    );
+    client.query(&sql).bind(now_s - CLIENT_LOOKBACK_S).bind(limit)
+}
+
+/// A client's recent raw readings.
+#[derive(Debug, Row, Deserialize)]
+pub struct RecentClient {
+    /// The device.
+    pub client_id: String,
+    /// Distinct readings with `ts` in the window.
+    pub recent: u64,
+    /// Its latest `ts` in the window, µs.
+    pub last_ts: i64,
+}
+
+/// Per client with readings since `from_us`: how many (distinct), and the latest time.
+/// Only the window is scanned, so the cost follows the fleet's rate, not its history.
+pub fn recent_clients(client: &Client, tables: &Tables, flavor: Flavor, from_us: i64) -> Query {
+    let sql = format!(
+        "SELECT client_id, count() AS recent, {last} AS last_ts
+FROM (SELECT client_id, sensor, ts FROM {t} WHERE {since} GROUP BY client_id, sensor, ts)
+GROUP BY client_id",
+        last = micros(flavor, "max(ts)"),
+        t = tables.readings,
+        since = since_sql(flavor),
+    );
+    bind_since(client.query(&sql), flavor, from_us)
+}
+
+/// The latest status of an agent.
+#[derive(Debug, Row, Deserialize)]
+pub struct StatusRow {
+    /// The device.
+    pub client_id: String,
+    /// When the agent took it, µs.
+    pub ts: i64,
+    /// Rows waiting in its outbox.
+    pub outbox_rows: u64,
+    /// Their approximate bytes.
+    pub outbox_bytes: u64,
+    /// Age of the oldest outbox row, s.
+    pub oldest_age_s: f64,
+    /// Readings from sensors per second.
+    pub received_per_s: f64,
+    /// Readings confirmed per second.
+    pub confirmed_per_s: f64,
+    /// 1 when connected to the broker.
+    pub connected: u8,
+    /// When the ingest server stored it, Unix seconds.
+    pub received_at: u32,
+}
+
+/// The latest status of every agent.
+pub fn statuses(client: &Client, tables: &Tables, limit: u32) -> Query {
+    let sql = format!(
+        "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected,
+       toUInt32(received_at) AS received
+FROM {t} FINAL ORDER BY client_id LIMIT ?",
+        t = tables.agent_status
+    );
+    client.query(&sql).bind(limit)
+}
+
+/// One minute of the rollup.
+#[derive(Debug, Row, Deserialize)]
+pub struct MinuteRow {
+    /// The sensor.
+    pub sensor: String,
+    /// Start of the minute, Unix seconds.
+    pub minute: u32,
+    /// Readings in it.
+    pub count: u64,
+    /// Their mean.
+    pub avg: f64,
+    /// Their minimum.
+    pub min: f64,
+    /// Their maximum.
+    pub max: f64,
+}
+
+/// The rollup of `client_id` (one sensor or all) from `from_s` on.
+pub fn series(client: &Client, tables: &Tables, client_id: &str, sensor: Option<&str>, from_s: i64) -> Query {
+    let sql = format!(
+        "SELECT sensor, toUInt32(minute) AS m, count, avg, min, max FROM {t} FINAL
+WHERE client_id = ?{s} AND minute >= toDateTime(?) ORDER BY sensor, m LIMIT ?",
+        t = tables.readings_1m,
+        s = if sensor.is_some() { " AND sensor = ?" } else { "" },
+    );
+    let mut query = client.query(&sql).bind(client_id);
+    if let Some(sensor) = sensor {
+        query = query.bind(sensor);
+    }
+    query.bind(from_s).bind(MAX_SERIES_ROWS)
+}
+
+/// Rolling averages of one sensor.
+#[derive(Debug, Row, Deserialize)]
+pub struct AverageRow {
+    /// The sensor.
+    pub sensor: String,
+    /// Readings and mean over the last minute.
+    pub c1: u64,
+    /// See `c1`.
+    pub a1: f64,
+    /// Readings and mean over the last 5 minutes.
+    pub c5: u64,
+    /// See `c5`.
+    pub a5: f64,
+    /// Readings and mean over the last 30 minutes.
+    pub c30: u64,
+    /// See `c30`.
+    pub a30: f64,
+    /// The latest value.
+    pub last: f64,
+    /// Its time, µs.
+    pub last_ts: i64,
+}
+
+/// Means of deduplicated raw readings over the [`AVERAGE_WINDOWS`] ending at `now_us`.
+pub fn averages(
+    client: &Client,
+    tables: &Tables,
+    flavor: Flavor,
+    client_id: &str,
+    sensor: Option<&str>,
+    now_us: i64,
+) -> Query {
+    let p = flavor.ts_param();
+    let sql = format!(
+        "SELECT sensor, countIf(ts >= {p}) AS c1, avgIf(value, ts >= {p}) AS a1,
+       countIf(ts >= {p}) AS c5, avgIf(value, ts >= {p}) AS a5,
+       count() AS c30, avg(value) AS a30, argMax(value, ts) AS last, {last_ts} AS last_ts
+FROM (
+    SELECT sensor, ts, any(value) AS value FROM {t}
+    WHERE client_id = ?{s} AND {since}
+    GROUP BY sensor, ts
+)
+GROUP BY sensor ORDER BY sensor",
+        last_ts = micros(flavor, "max(ts)"),
+        t = tables.readings,
+        s = if sensor.is_some() { " AND sensor = ?" } else { "" },
+        since = since_sql(flavor),
+    );
+    let from = |minutes: u32| now_us - i64::from(minutes) * 60_000_000;
+    let [w1, w5, w30] = AVERAGE_WINDOWS;
+    let mut query = client.query(&sql).bind(from(w1)).bind(from(w1)).bind(from(w5)).bind(from(w5)).bind(client_id);
+    if let Some(sensor) = sensor {
+        query = query.bind(sensor);
+    }
+    bind_since(query, flavor, from(w30))
+}
+
+/// A dead letter, without its payload (only size and first bytes).
+#[derive(Debug, Row, Deserialize)]
+pub struct ErrorRow {
+    /// Unix seconds.
+    pub received_at: u32,
+    /// MQTT topic.
+    pub topic: String,
+    /// Client id from the topic.
+    pub client_id: String,
+    /// Fixed reason name.
+    pub reason: String,
+    /// The error text.
+    pub error: String,
+    /// Payload size.
+    pub payload_bytes: u64,
+    /// First 32 payload bytes, hex.
+    pub payload_head: String,
+}
+
+/// The latest `limit` dead letters (of one client or all).
+pub fn recent_errors(client: &Client, tables: &Tables, client_id: Option<&str>, limit: u32) -> Query {
+    let sql = format!(
+        "SELECT toUInt32(received_at) AS r, topic, client_id, reason, error, toUInt64(length(payload)) AS bytes,
+       hex(substring(payload, 1, 32)) AS head
+FROM {t}{w} ORDER BY received_at DESC LIMIT ?",
+        t = tables.ingest_errors,
+        w = if client_id.is_some() { " WHERE client_id = ?" } else { "" },
+    );
+    let mut query = client.query(&sql);
+    if let Some(client_id) = client_id {
+        query = query.bind(client_id);
+    }
+    query.bind(limit)
+}
+
+/// Dead letters per reason.
+#[derive(Debug, Row, Deserialize)]
+pub struct ReasonCount {
+    /// Fixed reason name.
+    pub reason: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// Dead letters per reason (of one client or all).
+pub fn error_counts(client: &Client, tables: &Tables, client_id: Option<&str>) -> Query {
+    let sql = format!(
+        "SELECT reason, count() AS n FROM {t}{w} GROUP BY reason ORDER BY reason",
+        t = tables.ingest_errors,
+        w = if client_id.is_some() { " WHERE client_id = ?" } else { "" },
+    );
+    let query = client.query(&sql);
+    match client_id {
+        Some(client_id) => query.bind(client_id),
+        None => query,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(q: &Query) -> String {
+        q.sql_display().to_string()
+    }
+
+    #[test]
+    fn hostile_values_are_escaped_literals_not_sql() {
+        let c = Client::default();
+        let t = Tables::new("db");
+        let q = series(&c, &t, "dev", Some("' OR 1=1 --"), 0);
+        assert!(text(&q).contains(r"sensor = '\' OR 1=1 --'"), "{}", text(&q));
+        let q = series(&c, &t, "dev", Some("a?b`c\\"), 0);
+        assert!(text(&q).contains(r"sensor = 'a?b\`c\\' AND minute"), "{}", text(&q));
+    }
+
+    #[test]
+    fn every_placeholder_is_bound_in_both_flavours() {
+        let c = Client::default();
+        let t = Tables::new("db");
+        for flavor in [Flavor::Legacy, Flavor::Current] {
+            for q in [
+                rollup_clients(&c, &t, 1_700_000_000, 10),
+                recent_clients(&c, &t, flavor, 1),
+                statuses(&c, &t, 10),
+                series(&c, &t, "a", None, 5),
+                series(&c, &t, "a", Some("s"), 5),
+                averages(&c, &t, flavor, "a", None, 1_700_000_000_000_000),
+                averages(&c, &t, flavor, "a", Some("s"), 1_700_000_000_000_000),
+                recent_errors(&c, &t, None, 5),
+                recent_errors(&c, &t, Some("a"), 5),
+                error_counts(&c, &t, Some("a")),
+            ] {
+                let sql = text(&q);
+                assert!(!sql.contains('?'), "unbound placeholder in {sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn windows_end_at_the_given_instant() {
+        let c = Client::default();
+        let now = 1_700_000_000_000_000;
+        let sql = text(&averages(&c, &Tables::new("db"), Flavor::Legacy, "a", None, now));
+        assert!(sql.contains(&format!("countIf(ts >= toInt64({})) AS c1", now - 60_000_000)), "{sql}");
+        assert!(sql.contains(&format!("countIf(ts >= toInt64({})) AS c5", now - 300_000_000)), "{sql}");
+        assert!(sql.contains(&format!("ts >= toInt64({})", now - 1_800_000_000)), "{sql}");
+    }
+}
