@@ -177,6 +177,8 @@ settings! {
     postgres_url: String = "host=127.0.0.1 port=25432 user=postgres dbname=postgres".into(), env "EDGE_AGENT_POSTGRES_URL";
     /// Postgres password, if the connection string has none.
     postgres_password: Secret = Secret::default(), env "EDGE_AGENT_POSTGRES_PASSWORD";
+    /// File holding the Postgres password (one trailing newline ignored); instead of `postgres_password`.
+    postgres_password_file: PathBuf = PathBuf::new(), env "EDGE_AGENT_POSTGRES_PASSWORD_FILE";
     /// Postgres schema holding the outbox tables.
     postgres_schema: String = "edge_agent".into(), env "EDGE_AGENT_POSTGRES_SCHEMA";
     /// Commit a transaction once this many readings are waiting...
@@ -193,6 +195,16 @@ settings! {
     mqtt_username: String = String::new(), env "EDGE_AGENT_MQTT_USERNAME";
     /// MQTT password.
     mqtt_password: Secret = Secret::default(), env "EDGE_AGENT_MQTT_PASSWORD";
+    /// File holding the MQTT password (one trailing newline ignored); instead of `mqtt_password`.
+    mqtt_password_file: PathBuf = PathBuf::new(), env "EDGE_AGENT_MQTT_PASSWORD_FILE";
+    /// Connect to the broker over TLS (needs `mqtt_ca_file`); plain TCP when false.
+    mqtt_tls: bool = false, env "EDGE_AGENT_MQTT_TLS";
+    /// PEM file of the CA certificate(s) that sign the broker's certificate (TLS only).
+    mqtt_ca_file: PathBuf = PathBuf::new(), env "EDGE_AGENT_MQTT_CA_FILE";
+    /// PEM client certificate chain, for brokers that require one (TLS only; with `mqtt_client_key_file`).
+    mqtt_client_cert_file: PathBuf = PathBuf::new(), env "EDGE_AGENT_MQTT_CLIENT_CERT_FILE";
+    /// PEM private key of the client certificate (TLS only).
+    mqtt_client_key_file: PathBuf = PathBuf::new(), env "EDGE_AGENT_MQTT_CLIENT_KEY_FILE";
     /// MQTT keep-alive in seconds.
     mqtt_keep_alive_secs: u64 = 15, env "EDGE_AGENT_MQTT_KEEP_ALIVE_SECS";
     /// Largest MQTT packet, both directions; must exceed the largest batch.
@@ -246,6 +258,14 @@ pub enum ConfigError {
         /// Why.
         source: toml::de::Error,
     },
+    /// A secret file could not be read (the error names the file, never its content).
+    #[error("invalid setting `{key}`: {source}")]
+    SecretFile {
+        /// The key naming the file.
+        key: &'static str,
+        /// Why.
+        source: mqtt_secure::SecureError,
+    },
     /// A value is out of range.
     #[error("invalid setting `{key}`: {reason}")]
     Invalid {
@@ -272,7 +292,46 @@ impl Config {
         };
         config.apply(overrides);
         config.validate()?;
+        config.resolve_secrets()?;
         Ok(config)
+    }
+
+    /// Reads every `*_password_file` into its password and clears the file
+    /// key (so a second call does nothing). Setting both a password and its
+    /// file is an error: which one wins would be a guess.
+    ///
+    /// # Errors
+    /// Both set, or an unreadable file.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        for (key, file, secret) in [
+            ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
+            ("postgres_password_file", &mut self.postgres_password_file, &mut self.postgres_password),
+        ] {
+            let path = std::mem::take(file);
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            if !secret.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "set either the password or its file, not both".into(),
+                });
+            }
+            *secret =
+                Secret(mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?);
+        }
+        Ok(())
+    }
+
+    /// The TLS files, when `mqtt_tls` is on.
+    #[must_use]
+    pub fn mqtt_tls_files(&self) -> Option<mqtt_secure::TlsFiles> {
+        let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        self.mqtt_tls.then(|| mqtt_secure::TlsFiles {
+            ca: self.mqtt_ca_file.clone(),
+            client_cert: path(&self.mqtt_client_cert_file),
+            client_key: path(&self.mqtt_client_key_file),
+        })
     }
 
     /// Checks ranges and relations between keys.
@@ -303,6 +362,15 @@ impl Config {
         }
         if self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
             return invalid("topic_prefix", "no wildcards and no trailing slash");
+        }
+        if self.mqtt_tls && self.mqtt_ca_file.as_os_str().is_empty() {
+            return invalid("mqtt_ca_file", "mqtt_tls needs the CA certificate file of the broker");
+        }
+        if self.mqtt_client_cert_file.as_os_str().is_empty() != self.mqtt_client_key_file.as_os_str().is_empty() {
+            return invalid(
+                "mqtt_client_cert_file",
+                "set both mqtt_client_cert_file and mqtt_client_key_file, or neither",
+            );
         }
         Ok(())
     }
@@ -381,6 +449,35 @@ mod tests {
         let c: Config = toml::from_str("mqtt_password = \"hunter2\"\npostgres_password = \"s3cret\"").unwrap();
         let printed = format!("{c:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("s3cret"), "{printed}");
+    }
+
+    #[test]
+    fn password_files_fill_the_secret_and_exclude_the_inline_password() {
+        let dir = std::env::temp_dir().join(format!("edge_cfg_secret_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mqtt.pw");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let mut c = Config { mqtt_password_file: file.clone(), ..Config::default() };
+        c.resolve_secrets().unwrap();
+        assert_eq!(c.mqtt_password.expose(), "from-a-file");
+        c.resolve_secrets().unwrap();
+        let mut both = Config { mqtt_password_file: file, mqtt_password: "x".parse().unwrap(), ..Config::default() };
+        assert!(matches!(both.resolve_secrets(), Err(ConfigError::Invalid { key: "mqtt_password_file", .. })));
+        let mut missing = Config { postgres_password_file: dir.join("nope"), ..Config::default() };
+        let error = missing.resolve_secrets().unwrap_err().to_string();
+        assert!(error.contains("postgres_password_file") && error.contains("nope"), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn tls_needs_a_ca_file_and_client_auth_needs_both_files() {
+        let c = Config { mqtt_tls: true, ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "mqtt_ca_file", .. })));
+        let c = Config { mqtt_tls: true, mqtt_ca_file: "ca.pem".into(), ..Config::default() };
+        c.validate().unwrap();
+        assert_eq!(c.mqtt_tls_files().unwrap().client_cert, None);
+        let c = Config { mqtt_client_cert_file: "c.pem".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "mqtt_client_cert_file", .. })));
     }
 
     #[test]

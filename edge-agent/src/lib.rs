@@ -66,6 +66,9 @@ pub enum AgentError {
     /// The outbox connection string is unusable.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The MQTT TLS files are unusable.
+    #[error("MQTT TLS: {0}")]
+    Tls(#[from] mqtt_secure::SecureError),
     /// Shut down before Postgres became reachable.
     #[error("shut down before the outbox was reachable")]
     Cancelled,
@@ -93,8 +96,11 @@ impl Agent {
     /// # Errors
     /// Invalid configuration, unbindable listener, or cancellation before
     /// Postgres answered.
-    pub async fn start(config: Config, cancel: CancellationToken) -> Result<Self, AgentError> {
+    pub async fn start(mut config: Config, cancel: CancellationToken) -> Result<Self, AgentError> {
         config.validate()?;
+        config.resolve_secrets()?;
+        // Before anything else starts, so that bad TLS files fail the start.
+        let mqtt = mqtt::connect(&config)?;
         let shared = Arc::new(Shared::default());
         let mut outbox = Outbox::new(&config.postgres_url, &config.postgres_password, &config.postgres_schema)?;
         let mut delay = backoff(Duration::from_millis(100), Duration::from_secs(5));
@@ -136,7 +142,8 @@ impl Agent {
             ),
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let task = tokio::spawn(run_tasks(config, state, outbox, bound, http, shared.clone(), cancel.clone()));
+        let io = Io { outbox, bound, http, mqtt };
+        let task = tokio::spawn(run_tasks(config, state, io, shared.clone(), cancel.clone()));
         Ok(Self { listen_addrs, http_addr, shared, epoch: state.epoch, cancel, task })
     }
 
@@ -153,15 +160,16 @@ impl Agent {
     }
 }
 
-async fn run_tasks(
-    config: Config,
-    state: outbox::OutboxState,
+/// What [`Agent::start`] opened for the tasks.
+struct Io {
     outbox: Outbox,
     bound: Vec<listener::Bound>,
     http: Option<tokio::net::TcpListener>,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) {
+    mqtt: (rumqttc::AsyncClient, rumqttc::EventLoop),
+}
+
+async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: Arc<Shared>, cancel: CancellationToken) {
+    let Io { outbox, bound, http, mqtt: (client, eventloop) } = io;
     let (sub_tx, sub_rx) = mpsc::channel(64);
     let (block_tx, block_rx) = mpsc::channel(64);
     let (del_tx, del_rx) = mpsc::unbounded_channel();
@@ -188,7 +196,6 @@ async fn run_tasks(
         },
         cancel.clone(),
     ));
-    let (client, eventloop) = mqtt::connect(&config);
     let event_task = tokio::spawn(mqtt::run_event_loop(eventloop, event_tx, shared.clone()));
     let publisher = publisher::Publisher::new(
         publisher::PublisherConfig {

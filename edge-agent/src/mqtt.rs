@@ -9,6 +9,10 @@
 //! - the event loop has no reconnect backoff: [`run_event_loop`] adds one.
 //! - with a clean session rumqttc drops its pending queue: the publisher
 //!   replays from the outbox after every `ConnAck` instead.
+//! - a refusal (bad password, not authorised) or a failed TLS handshake is
+//!   logged as an error naming the cause and retried no sooner than
+//!   [`mqtt_secure::Failure::min_delay`], doubling up to a minute: a wrong
+//!   password never turns into a busy reconnect loop.
 
 use std::time::Duration;
 
@@ -35,9 +39,11 @@ pub enum MqttEvent {
     },
 }
 
-/// Builds the client and its event loop.
-#[must_use]
-pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
+/// Builds the client and its event loop (TLS when `mqtt_tls` is on).
+///
+/// # Errors
+/// Unusable TLS files (the error names the file).
+pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure::SecureError> {
     let mut options = MqttOptions::new(config.mqtt_client_id(), config.mqtt_host.clone(), config.mqtt_port);
     options.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_secs.max(5)));
     // Replay comes from the outbox, so a clean session loses nothing and
@@ -48,12 +54,15 @@ pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
     if !config.mqtt_username.is_empty() {
         options.set_credentials(config.mqtt_username.clone(), config.mqtt_password.expose().to_owned());
     }
+    if let Some(files) = config.mqtt_tls_files() {
+        options.set_transport(mqtt_secure::transport(&files)?);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, config.window * 2 + 16);
     let mut network = NetworkOptions::new();
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(5);
     eventloop.set_network_options(network);
-    (client, eventloop)
+    Ok((client, eventloop))
 }
 
 /// Polls the event loop until the client disconnects or the receiver is
@@ -61,10 +70,12 @@ pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
 /// followed by an exponential backoff with jitter before the next attempt.
 pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
     let mut backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+    let mut refusals = 0u32;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+                refusals = 0;
                 shared.metrics.mqtt_connects.inc();
                 shared.metrics.mqtt_connected.set(1);
                 shared.connected.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -84,8 +95,15 @@ pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent
                 shared.metrics.mqtt_errors.inc();
                 shared.metrics.mqtt_connected.set(0);
                 let was_connected = shared.connected.swap(false, std::sync::atomic::Ordering::Relaxed);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                if was_connected {
+                let mut delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                let failure = mqtt_secure::classify(&error);
+                if failure.is_permanent() {
+                    // Same cause, same answer: wait longer each time (2 s, 4 s, ... 60 s).
+                    refusals = refusals.saturating_add(1);
+                    let long = failure.min_delay().saturating_mul(1 << refusals.min(5).saturating_sub(1));
+                    delay = delay.max(long.min(Duration::from_secs(60)));
+                    tracing::error!(%error, ?delay, "{failure}");
+                } else if was_connected {
                     tracing::warn!(%error, "broker connection lost; reconnecting");
                 } else {
                     tracing::warn!(%error, ?delay, "cannot reach the broker; retrying");

@@ -3,7 +3,7 @@
 //! file at all the defaults run against `scripts/stack`.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -62,6 +62,18 @@ pub struct Config {
     pub mqtt_username: String,
     /// MQTT password.
     pub mqtt_password: Secret,
+    /// File holding the MQTT password (one trailing newline ignored);
+    /// instead of `mqtt_password`.
+    pub mqtt_password_file: PathBuf,
+    /// Connect to the broker over TLS (needs `mqtt_ca_file`); plain TCP when false.
+    pub mqtt_tls: bool,
+    /// PEM file of the CA certificate(s) that sign the broker's certificate.
+    pub mqtt_ca_file: PathBuf,
+    /// PEM client certificate chain, for brokers that require one (with
+    /// `mqtt_client_key_file`).
+    pub mqtt_client_cert_file: PathBuf,
+    /// PEM private key of the client certificate.
+    pub mqtt_client_key_file: PathBuf,
     /// MQTT keep-alive in seconds. While ClickHouse is down the server stops
     /// polling the broker (back-pressure); the broker may then drop the
     /// connection after 1.5 keep-alives, which loses nothing (persistent
@@ -83,6 +95,9 @@ pub struct Config {
     pub clickhouse_user: String,
     /// ClickHouse password.
     pub clickhouse_password: Secret,
+    /// File holding the ClickHouse password (one trailing newline ignored);
+    /// instead of `clickhouse_password`.
+    pub clickhouse_password_file: PathBuf,
     /// Retention of raw readings in days (0: keep forever). Applied as a
     /// table TTL on ClickHouse versions that have TTL (not 18.16).
     pub retention_days: u32,
@@ -124,6 +139,11 @@ impl Default for Config {
             mqtt_client_id: "ingest-server".into(),
             mqtt_username: String::new(),
             mqtt_password: Secret::default(),
+            mqtt_password_file: PathBuf::new(),
+            mqtt_tls: false,
+            mqtt_ca_file: PathBuf::new(),
+            mqtt_client_cert_file: PathBuf::new(),
+            mqtt_client_key_file: PathBuf::new(),
             mqtt_keep_alive_secs: 30,
             topic_prefix: "/telemetry".into(),
             shared_group: None,
@@ -132,6 +152,7 @@ impl Default for Config {
             clickhouse_database: "telemetry".into(),
             clickhouse_user: "default".into(),
             clickhouse_password: Secret::default(),
+            clickhouse_password_file: PathBuf::new(),
             retention_days: 0,
             batch_max_rows: 100_000,
             batch_max_delay_ms: 1000,
@@ -166,6 +187,14 @@ pub enum ConfigError {
         path: String,
         /// Why.
         source: toml::de::Error,
+    },
+    /// A secret file could not be read (the error names the file, never its content).
+    #[error("invalid {key}: {source}")]
+    SecretFile {
+        /// The key naming the file.
+        key: &'static str,
+        /// Why.
+        source: mqtt_secure::SecureError,
     },
     /// A value is out of range or malformed.
     #[error("invalid {key}: {reason}")]
@@ -238,7 +267,51 @@ impl Config {
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return Err(invalid("retry_min_ms", "must be > 0 and <= retry_max_ms"));
         }
+        if self.mqtt_tls && self.mqtt_ca_file.as_os_str().is_empty() {
+            return Err(invalid("mqtt_ca_file", "mqtt_tls needs the CA certificate file of the broker"));
+        }
+        if self.mqtt_client_cert_file.as_os_str().is_empty() != self.mqtt_client_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "mqtt_client_cert_file",
+                "set both mqtt_client_cert_file and mqtt_client_key_file, or neither",
+            ));
+        }
         Ok(())
+    }
+
+    /// Reads every `*_password_file` into its password and clears the file
+    /// key (a second call does nothing). A password and its file together
+    /// are an error.
+    ///
+    /// # Errors
+    /// Both set, or an unreadable file.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        for (key, file, secret) in [
+            ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
+            ("clickhouse_password_file", &mut self.clickhouse_password_file, &mut self.clickhouse_password),
+        ] {
+            let path = std::mem::take(file);
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            if !secret.is_empty() {
+                return Err(invalid(key, "set either the password or its file, not both"));
+            }
+            *secret =
+                Secret(mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?);
+        }
+        Ok(())
+    }
+
+    /// The TLS files, when `mqtt_tls` is on.
+    #[must_use]
+    pub fn mqtt_tls_files(&self) -> Option<mqtt_secure::TlsFiles> {
+        let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        self.mqtt_tls.then(|| mqtt_secure::TlsFiles {
+            ca: self.mqtt_ca_file.clone(),
+            client_cert: path(&self.mqtt_client_cert_file),
+            client_key: path(&self.mqtt_client_key_file),
+        })
     }
 }
 
@@ -265,7 +338,7 @@ macro_rules! overrides {
         pub struct Overrides {
             $(
                 #[doc = concat!("Overrides `", stringify!($field), "` (see the config file reference).")]
-                #[arg(long, env = $env)]
+                #[arg(long, env = $env, hide_env_values = true)]
                 pub $field: Option<$ty>,
             )*
         }
@@ -285,6 +358,11 @@ overrides! {
     mqtt_client_id: String => "INGEST_MQTT_CLIENT_ID",
     mqtt_username: String => "INGEST_MQTT_USERNAME",
     mqtt_password: Secret => "INGEST_MQTT_PASSWORD",
+    mqtt_password_file: PathBuf => "INGEST_MQTT_PASSWORD_FILE",
+    mqtt_tls: bool => "INGEST_MQTT_TLS",
+    mqtt_ca_file: PathBuf => "INGEST_MQTT_CA_FILE",
+    mqtt_client_cert_file: PathBuf => "INGEST_MQTT_CLIENT_CERT_FILE",
+    mqtt_client_key_file: PathBuf => "INGEST_MQTT_CLIENT_KEY_FILE",
     mqtt_keep_alive_secs: u64 => "INGEST_MQTT_KEEP_ALIVE_SECS",
     topic_prefix: String => "INGEST_TOPIC_PREFIX",
     shared_group: String => "INGEST_SHARED_GROUP",
@@ -293,6 +371,7 @@ overrides! {
     clickhouse_database: String => "INGEST_CLICKHOUSE_DATABASE",
     clickhouse_user: String => "INGEST_CLICKHOUSE_USER",
     clickhouse_password: Secret => "INGEST_CLICKHOUSE_PASSWORD",
+    clickhouse_password_file: PathBuf => "INGEST_CLICKHOUSE_PASSWORD_FILE",
     retention_days: u32 => "INGEST_RETENTION_DAYS",
     batch_max_rows: usize => "INGEST_BATCH_MAX_ROWS",
     batch_max_delay_ms: u64 => "INGEST_BATCH_MAX_DELAY_MS",
@@ -319,6 +398,7 @@ impl Cli {
         };
         self.overrides.apply(&mut config);
         config.validate()?;
+        config.resolve_secrets()?;
         Ok(config)
     }
 }
@@ -372,6 +452,37 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn password_files_fill_the_secret_and_exclude_the_inline_password() {
+        let dir = std::env::temp_dir().join(format!("ingest_cfg_secret_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("ch.pw");
+        std::fs::write(&file, "ch-secret\n").expect("write secret");
+        let mut c = Config { clickhouse_password_file: file.clone(), ..Config::default() };
+        c.resolve_secrets().expect("file read");
+        assert_eq!(c.clickhouse_password.expose(), "ch-secret");
+        let mut both = Config { mqtt_password_file: file, mqtt_password: Secret::new("x"), ..Config::default() };
+        assert!(matches!(both.resolve_secrets(), Err(ConfigError::Invalid { key: "mqtt_password_file", .. })));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn secrets_from_the_environment_are_hidden_in_help() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--mqtt-password-file") && help.contains("--mqtt-tls"), "{help}");
+        // hide_env_values: `[env: INGEST_MQTT_PASSWORD=<value>]` is never shown.
+        let overrides = Cli::command();
+        let mut keys = overrides.get_arguments().filter(|a| a.get_id() != "config" && a.get_id() != "log_format");
+        assert!(keys.all(|a| a.is_hide_env_values_set() || a.get_env().is_none()));
+    }
+
+    #[test]
+    fn tls_needs_a_ca_file() {
+        let c = Config { mqtt_tls: true, ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "mqtt_ca_file", .. })));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum RunError {
     /// ClickHouse refused the schema or the stored ranges permanently.
     #[error("ClickHouse at start: {0}")]
     Startup(#[from] writer::StoreError),
+    /// The MQTT TLS files are unusable.
+    #[error("MQTT TLS: {0}")]
+    Tls(#[from] mqtt_secure::SecureError),
     /// The HTTP listener could not bind.
     #[error("HTTP listener on {address}: {source}")]
     Http {
@@ -86,11 +89,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 /// # Errors
 /// See [`run`].
 pub async fn run_with_metrics(
-    config: Config,
+    mut config: Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    config.resolve_secrets()?;
+    if let Some(files) = config.mqtt_tls_files() {
+        // Bad TLS files fail the start, not the first connection attempt.
+        mqtt_secure::client_config(&files)?;
+    }
     let hard_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Shutdown starts a drain; its deadline is the hard stop.
@@ -167,7 +175,7 @@ async fn serve(
     }
 
     let topics = subscriber::Topics::new(&config.topic_prefix);
-    let (client, eventloop) = subscriber::connect(config);
+    let (client, eventloop) = subscriber::connect(config)?;
     let (inbound_tx, inbound_rx) = mpsc::channel(config.channel_capacity);
     let poll = tracker.spawn(subscriber::poll(
         eventloop,

@@ -20,6 +20,8 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = ingest_server::config::Cli::parse();
+    // rustls' ring provider as the process default (rumqttc is built without one).
+    mqtt_secure::install_crypto_provider();
     init_logging(&cli.log_format)?;
     let config = cli.load().context("loading configuration")?;
     tracing::info!(?config, "starting");

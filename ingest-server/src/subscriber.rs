@@ -9,6 +9,9 @@
 //! - The request channel's capacity ([`request_capacity`]) exceeds every
 //!   PUBACK and ingest ack that can be outstanding at once, so the tasks
 //!   that ack never wait on a poll task that waits on them.
+//! - A refusal (bad credentials, not authorised) or a failed TLS handshake
+//!   is logged as an error naming the cause and retried after at least
+//!   2 s, doubling up to a minute: no busy reconnect loop.
 //! - During shutdown the poll task keeps polling (so queued PUBACKs reach the
 //!   broker) but drops new publishes unacked: the broker redelivers them to
 //!   this persistent session later.
@@ -98,6 +101,10 @@ impl Topics {
     }
 }
 
+/// The largest packet MQTT can express (remaining length 268,435,455 plus
+/// the fixed header).
+pub const MQTT_MAX_PACKET_BYTES: usize = 268_435_455 + 5;
+
 /// Capacity of rumqttc's request channel: room for every PUBACK and ingest
 /// ack that can be outstanding (twice the messages the batcher can hold in
 /// pending and in-flight batches), plus the subscriptions.
@@ -107,25 +114,37 @@ pub fn request_capacity(config: &Config) -> usize {
     held.saturating_mul(2).saturating_add(config.channel_capacity).saturating_add(64)
 }
 
-/// The client and event loop, configured for manual acks and a persistent session.
-#[must_use]
-pub fn connect(config: &Config) -> (AsyncClient, EventLoop) {
+/// The client and event loop, configured for manual acks and a persistent
+/// session, over TLS when `mqtt_tls` is on.
+///
+/// # Errors
+/// Unusable TLS files (the error names the file).
+pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure::SecureError> {
     let mut options = MqttOptions::new(&config.mqtt_client_id, &config.mqtt_host, config.mqtt_port);
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_secs.max(5)))
-        .set_max_packet_size(config.max_payload_bytes + 1024, config.max_payload_bytes + 1024)
+        // Incoming: MQTT's own maximum, not max_payload_bytes. A larger
+        // packet is a rumqttc connection error; the broker redelivers the
+        // unacked message to this persistent session after the reconnect,
+        // and one oversized publish by anyone would wedge ingest for good
+        // (found by tests/hostile.rs). Received, it is dead-lettered as
+        // `oversize` by the batcher like any other bad payload.
+        .set_max_packet_size(MQTT_MAX_PACKET_BYTES, config.max_payload_bytes + 1024)
         .set_inflight(1024);
     if !config.mqtt_username.is_empty() {
         options.set_credentials(&config.mqtt_username, config.mqtt_password.expose());
+    }
+    if let Some(files) = config.mqtt_tls_files() {
+        options.set_transport(mqtt_secure::transport(&files)?);
     }
     let (client, mut eventloop) = AsyncClient::new(options, request_capacity(config));
     let mut network = NetworkOptions::new();
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(10);
     eventloop.set_network_options(network);
-    (client, eventloop)
+    Ok((client, eventloop))
 }
 
 /// Polls the event loop until `hard_stop`, or until the client's
@@ -203,8 +222,15 @@ pub async fn poll(
                 metrics.mqtt_connection_errors.inc();
                 metrics.subscribed.set(0);
                 errors_in_a_row += 1;
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                if errors_in_a_row <= 3 || errors_in_a_row % 20 == 0 {
+                let mut delay = delays.next().unwrap_or(Duration::from_secs(5));
+                let failure = mqtt_secure::classify(&error);
+                if failure.is_permanent() {
+                    // A refusal or a TLS failure repeats until someone fixes
+                    // the configuration: say so clearly, wait longer each time.
+                    let long = failure.min_delay().saturating_mul(1 << errors_in_a_row.min(5).saturating_sub(1));
+                    delay = delay.max(long.min(Duration::from_secs(60)));
+                    tracing::error!(%error, errors_in_a_row, retry_in_ms = delay.as_millis() as u64, "{failure}");
+                } else if errors_in_a_row <= 3 || errors_in_a_row % 20 == 0 {
                     tracing::warn!(%error, errors_in_a_row, retry_in_ms = delay.as_millis() as u64, "MQTT connection error");
                 }
                 if matches!(error, rumqttc::ConnectionError::RequestsDone) {

@@ -67,6 +67,7 @@ impl IngestAck {
     /// [`DecodeError::InvalidHeader`].
     pub fn decode(payload: &[u8], max: usize) -> Result<Self, DecodeError> {
         let body = split_version(payload, ACK_VERSION, max)?;
+        crate::bounds::seq_ranges(body)?;
         let ack: Self = decode_exact(body)?;
         if let Some(bad) = ack.ranges.iter().find(|r| r.is_empty()) {
             return Err(DecodeError::InvalidHeader(format!("range {}..={} is inverted", bad.first_seq, bad.last_seq)));

@@ -92,6 +92,7 @@ impl Batch {
     /// Any [`DecodeError`]; the payload must not exceed `max` bytes.
     pub fn decode(payload: &[u8], max: usize) -> Result<Self, DecodeError> {
         let body = split_version(payload, BATCH_VERSION, max)?;
+        crate::bounds::batch(body)?;
         let batch: Self = decode_exact(body)?;
         batch.validate()?;
         Ok(batch)
@@ -114,6 +115,7 @@ impl Batch {
             last_seq: u64,
         }
         let body = split_version(payload, BATCH_VERSION, max)?;
+        crate::bounds::batch_header(body)?;
         let (h, _): (Header, usize) = bincode::decode_from_slice(body, crate::bincode_config())?;
         validate_client_id(&h.client_id)?;
         if h.first_seq > h.last_seq {

@@ -134,6 +134,7 @@ pub fn encode_readings_payload(readings: &[Reading], dst: &mut BytesMut) {
 /// Empty, oversize (`max`), unknown version, truncated or malformed payloads.
 pub fn decode_readings_payload(payload: &[u8], max: usize) -> Result<Vec<Reading>, DecodeError> {
     let body = split_version(payload, SENSOR_FRAME_VERSION, max)?;
+    crate::bounds::readings(body)?;
     decode_exact(body)
 }
 

@@ -25,6 +25,7 @@
 
 pub mod ack;
 pub mod batch;
+mod bounds;
 mod codec;
 mod error;
 pub mod frame;
