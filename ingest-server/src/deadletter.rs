@@ -9,6 +9,12 @@ use bytes::Bytes;
 use clickhouse::Row;
 use serde::Serialize;
 
+/// Most payload bytes kept in a dead letter. Anyone who can publish on a
+/// client topic can send a 256 MiB message; storing it whole would let
+/// garbage fill ClickHouse. The first 64 KiB are plenty to diagnose it, and
+/// the error text records the full size.
+pub const MAX_DEAD_LETTER_PAYLOAD: usize = 64 << 10;
+
 /// One message for `ingest_errors`.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -27,9 +33,16 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// A dead letter for a message received now.
+    /// A dead letter for a message received now; payloads beyond
+    /// [`MAX_DEAD_LETTER_PAYLOAD`] are truncated (and say so in `error`).
     #[must_use]
     pub fn now(topic: &str, client_id: &str, reason: &'static str, error: String, payload: Bytes) -> Self {
+        let (error, payload) = if payload.len() > MAX_DEAD_LETTER_PAYLOAD {
+            let note = format!("{error} (payload of {} bytes, first {MAX_DEAD_LETTER_PAYLOAD} kept)", payload.len());
+            (note, payload.slice(..MAX_DEAD_LETTER_PAYLOAD))
+        } else {
+            (error, payload)
+        };
         Self {
             received_at: unix_seconds(),
             topic: topic.to_owned(),
@@ -79,5 +92,24 @@ impl<'a> From<&'a DeadLetter> for DeadLetterRow<'a> {
             error: &d.error,
             payload: RawBytes(&d.payload),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_payload_is_truncated_and_its_size_recorded() {
+        let d = DeadLetter::now("/t/client/x", "x", "oversize", "too big".into(), Bytes::from(vec![7u8; 3 << 20]));
+        assert_eq!(d.payload.len(), MAX_DEAD_LETTER_PAYLOAD);
+        assert!(d.error.contains("3145728 bytes"), "{}", d.error);
+    }
+
+    #[test]
+    fn a_small_payload_is_kept_verbatim() {
+        let d = DeadLetter::now("/t/client/x", "x", "empty", "e".into(), Bytes::from_static(b"abc"));
+        assert_eq!(&d.payload[..], b"abc");
+        assert_eq!(d.error, "e");
     }
 }
