@@ -143,6 +143,23 @@ pub async fn fresh_pg_database(stack: &Stack) -> String {
     stack.pg_url(&name)
 }
 
+/// Drops a database made by [`fresh_pg_database`] (given its connection
+/// string); best effort, for suites that clean up after themselves. Nothing
+/// may be connected to it any more.
+pub async fn drop_pg_database(stack: &Stack, url: &str) {
+    let Some(name) = url.split_whitespace().find_map(|kv| kv.strip_prefix("dbname=")) else { return };
+    if name == "postgres" || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+        return;
+    }
+    let Ok((client, conn)) = tokio_postgres::connect(&stack.pg_url("postgres"), tokio_postgres::NoTls).await else {
+        return;
+    };
+    let handle = tokio::spawn(conn);
+    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await;
+    drop(client);
+    let _ = handle.await;
+}
+
 /// A TCP port that was free a moment ago.
 ///
 /// # Panics

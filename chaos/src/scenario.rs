@@ -1,0 +1,602 @@
+//! The scenarios: each builds its own world (fresh ClickHouse database, MQTT
+//! topic prefix, Postgres database, and a private instance of the service it
+//! breaks), streams known readings through the real binaries, injects one
+//! fault, waits for recovery and asks the oracle.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use emulators::SensorKind;
+use test_support::{PrivateService, Service, Stack};
+
+use crate::oracle::{self, EmittedStream, Expected, RollupRow, StoredReading, Verdict};
+use crate::procs::{Daemon, Emulator, Spec};
+
+/// One fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// SIGKILL the edge agent, start it again at once.
+    KillAgent,
+    /// SIGKILL the ingest server, start it again after a pause.
+    KillIngest,
+    /// Stop the broker cleanly and start it again.
+    BrokerRestart,
+    /// Stop the broker for the outage duration.
+    BrokerDown,
+    /// Stop ClickHouse for the outage duration.
+    ClickhouseDown,
+    /// Stop Postgres (the outbox) cleanly and start it again.
+    PostgresRestart,
+    /// A small outbox quota filled while the broker is down (back-pressure).
+    QuotaReached,
+    /// Two ingest servers in a shared subscription group; SIGKILL one.
+    SharedGroupKill,
+    /// Agent in end-to-end mode (`confirm = ingest`); SIGKILL the ingest server.
+    EndToEndKillIngest,
+    /// Agent in end-to-end mode; SIGKILL the broker, start it again.
+    EndToEndKillBroker,
+    /// Echo mode; SIGKILL the broker, start it again. Not in the default
+    /// set: Mosquitto saves its state only every `autosave_interval`, so a
+    /// crash can lose routed-but-unsaved messages that echo mode already
+    /// deleted from the outbox (documented in docs/reliability.md).
+    KillBroker,
+    /// Negative control, not in the default set: the quota scenario with
+    /// `quota_policy = drop_oldest`, which deletes acked rows by design. The
+    /// oracle must report them lost (this scenario is expected to FAIL).
+    QuotaDropOldest,
+}
+
+impl Fault {
+    /// Every scenario, in the order the suite runs them.
+    pub const ALL: [Self; 10] = [
+        Self::KillAgent,
+        Self::KillIngest,
+        Self::BrokerRestart,
+        Self::BrokerDown,
+        Self::ClickhouseDown,
+        Self::PostgresRestart,
+        Self::QuotaReached,
+        Self::SharedGroupKill,
+        Self::EndToEndKillIngest,
+        Self::EndToEndKillBroker,
+    ];
+
+    /// The scenario's name (as on the command line).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KillAgent => "kill-agent",
+            Self::KillIngest => "kill-ingest",
+            Self::BrokerRestart => "broker-restart",
+            Self::BrokerDown => "broker-down",
+            Self::ClickhouseDown => "clickhouse-down",
+            Self::PostgresRestart => "postgres-restart",
+            Self::QuotaReached => "quota-reached",
+            Self::SharedGroupKill => "shared-group-kill",
+            Self::EndToEndKillIngest => "end-to-end-kill-ingest",
+            Self::EndToEndKillBroker => "end-to-end-kill-broker",
+            Self::KillBroker => "kill-broker",
+            Self::QuotaDropOldest => "quota-drop-oldest",
+        }
+    }
+
+    /// How the fault is injected, for the report.
+    #[must_use]
+    pub fn how(self, form: &Form) -> String {
+        let gap = form.kill_gap.as_secs();
+        let pause = form.restart_pause.as_secs();
+        let outage = form.outage.as_secs();
+        match self {
+            Self::KillAgent => "SIGKILL edge-agent, start it again at once (same outbox, same port)".into(),
+            Self::KillIngest => format!("SIGKILL ingest-server, start it again after {gap} s (same MQTT session)"),
+            Self::BrokerRestart => format!("stop Mosquitto cleanly (SIGTERM), start it again after {pause} s"),
+            Self::BrokerDown => format!("stop Mosquitto cleanly, keep it down {outage} s"),
+            Self::ClickhouseDown => format!("SIGKILL ClickHouse, keep it down {outage} s"),
+            Self::PostgresRestart => format!("stop Postgres (`pg_ctl -m fast`), start it again after {pause} s"),
+            Self::QuotaReached => {
+                format!("outbox quota {} rows (back-pressure); Mosquitto down {outage} s", form.quota_rows)
+            }
+            Self::SharedGroupKill => {
+                format!("2 ingest servers in `$share/chaos/...`; SIGKILL one, start it again after {gap} s")
+            }
+            Self::EndToEndKillIngest => {
+                format!("agent `confirm = ingest`; SIGKILL ingest-server, start it again after {gap} s")
+            }
+            Self::EndToEndKillBroker => {
+                format!("agent `confirm = ingest`; SIGKILL Mosquitto, start it again after {pause} s")
+            }
+            Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
+            Self::QuotaDropOldest => format!(
+                "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
+                form.quota_rows
+            ),
+        }
+    }
+
+    /// Whether the agent runs with `confirm = ingest`.
+    #[must_use]
+    pub fn end_to_end(self) -> bool {
+        matches!(self, Self::EndToEndKillIngest | Self::EndToEndKillBroker)
+    }
+
+    fn private_service(self) -> Option<Service> {
+        match self {
+            Self::BrokerRestart
+            | Self::BrokerDown
+            | Self::QuotaReached
+            | Self::QuotaDropOldest
+            | Self::EndToEndKillBroker
+            | Self::KillBroker => Some(Service::Mqtt),
+            Self::ClickhouseDown => Some(Service::ClickHouse),
+            Self::PostgresRestart => Some(Service::Postgres),
+            _ => None,
+        }
+    }
+
+    /// How long the fault is expected to last (to size the emission).
+    fn expected_duration(self, form: &Form) -> Duration {
+        match self {
+            Self::KillAgent => Duration::from_secs(1),
+            Self::KillIngest | Self::SharedGroupKill | Self::EndToEndKillIngest => form.kill_gap,
+            Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
+                form.restart_pause + Duration::from_secs(1)
+            }
+            Self::BrokerDown | Self::ClickhouseDown | Self::QuotaReached | Self::QuotaDropOldest => form.outage,
+        }
+    }
+}
+
+/// Short (CI) or long form: rates and durations.
+#[derive(Debug, Clone)]
+pub struct Form {
+    /// The long form.
+    pub long: bool,
+    /// Readings per second per emulator (two emulators per scenario).
+    pub rate: u64,
+    /// Emission before the fault.
+    pub fault_at: Duration,
+    /// A killed ingest server stays dead this long.
+    pub kill_gap: Duration,
+    /// Pause between stop and start of a restarted service.
+    pub restart_pause: Duration,
+    /// Outage of broker / ClickHouse.
+    pub outage: Duration,
+    /// Emission after the fault.
+    pub tail: Duration,
+    /// Outbox quota of the quota scenario.
+    pub quota_rows: u64,
+    /// Generous deadline for the emulators to finish and for recovery.
+    pub deadline: Duration,
+}
+
+impl Form {
+    /// Each scenario within about 60 s.
+    #[must_use]
+    pub fn short() -> Self {
+        Self {
+            long: false,
+            rate: 1000,
+            fault_at: Duration::from_secs(3),
+            kill_gap: Duration::from_secs(2),
+            restart_pause: Duration::from_secs(1),
+            outage: Duration::from_secs(10),
+            tail: Duration::from_secs(3),
+            quota_rows: 3000,
+            deadline: Duration::from_secs(120),
+        }
+    }
+
+    /// 60 s outages, higher rate.
+    #[must_use]
+    pub fn long() -> Self {
+        Self {
+            long: true,
+            rate: 2000,
+            fault_at: Duration::from_secs(10),
+            kill_gap: Duration::from_secs(10),
+            restart_pause: Duration::from_secs(5),
+            outage: Duration::from_secs(60),
+            tail: Duration::from_secs(10),
+            quota_rows: 20_000,
+            deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the suite runs against.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Directory with `edge-agent`, `ingest-server`, `temperature`, `pressure`.
+    pub bins: PathBuf,
+    /// The shared stack.
+    pub stack: Stack,
+    /// Logs of this run.
+    pub work: PathBuf,
+    /// Short or long.
+    pub form: Form,
+    /// Keep the ClickHouse database even when the scenario passes.
+    pub keep_data: bool,
+}
+
+/// A scenario's result.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Which.
+    pub fault: Fault,
+    /// The oracle's verdict (`None` when the scenario broke before it).
+    pub verdict: Option<Verdict>,
+    /// Why the scenario could not be judged, or why it failed beyond the verdict.
+    pub error: Option<String>,
+    /// Fault end until everything acked is stored and the outbox is empty.
+    pub recovery: Option<Duration>,
+    /// Injection until the broken thing answers again.
+    pub fault_duration: Duration,
+    /// Fault end until the emulators had every reading acked and exited
+    /// (the load runs on after the fault; recovery cannot end before this).
+    pub load_done: Option<Duration>,
+    /// Whole scenario, set-up to tear-down.
+    pub wall: Duration,
+    /// Counters worth knowing (replays, republishes, resends, ...).
+    pub notes: String,
+    /// A few findings of the oracle.
+    pub examples: Vec<String>,
+}
+
+impl Outcome {
+    /// Judged and clean.
+    #[must_use]
+    pub fn pass(&self) -> bool {
+        self.error.is_none() && self.verdict.is_some_and(|v| v.pass())
+    }
+}
+
+/// Runs one scenario; never panics (a panic inside becomes an error).
+pub async fn run(env: &Env, fault: Fault) -> Outcome {
+    let started = Instant::now();
+    let env2 = env.clone();
+    let result = tokio::spawn(async move { run_inner(&env2, fault).await }).await;
+    let mut outcome = match result {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(error)) => failed(fault, format!("{error:#}")),
+        Err(join) => failed(fault, format!("panicked: {join}")),
+    };
+    outcome.wall = started.elapsed();
+    outcome
+}
+
+fn failed(fault: Fault, error: String) -> Outcome {
+    Outcome {
+        fault,
+        verdict: None,
+        error: Some(error),
+        recovery: None,
+        fault_duration: Duration::ZERO,
+        load_done: None,
+        wall: Duration::ZERO,
+        notes: String::new(),
+        examples: Vec::new(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("{e}"))
+}
+
+const START_WITHIN: Duration = Duration::from_secs(60);
+const INGEST_READY: &str = "telemetry_ingest_subscribed 1";
+const AGENT_READY: &str = "telemetry_agent_mqtt_connected 1";
+
+/// The two emulators every scenario runs: (kind, prefix, sensors, seed).
+const EMULATORS: [(SensorKind, &str, usize, u64); 2] =
+    [(SensorKind::Temperature, "temp", 4, 1000), (SensorKind::Pressure, "pres", 3, 2000)];
+/// Synthetic timestamps advance 20 ms per reading of a sensor: a short run
+/// spans a few minutes of data (several rollup minutes).
+const TS_STEP: i64 = 20_000;
+
+#[allow(clippy::too_many_lines)] // one linear story: set up, stream, break, recover, judge
+async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
+    let form = &env.form;
+    let dir = env.work.join(fault.name());
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+
+    // --- the world -----------------------------------------------------------
+    let private = match fault.private_service() {
+        Some(service) => Some(Arc::new(blocking(move || PrivateService::start(service)).await?)),
+        None => None,
+    };
+    let port_of = |s: Service| private.as_ref().filter(|_| fault.private_service() == Some(s)).map(|p| p.port);
+    let mqtt_port = port_of(Service::Mqtt).unwrap_or(env.stack.mqtt_port);
+    let ch_url = match port_of(Service::ClickHouse) {
+        Some(port) => format!("http://127.0.0.1:{port}"),
+        None => env.stack.ch_url.clone(),
+    };
+    let (pg_url, shared_pg) = match port_of(Service::Postgres) {
+        Some(port) => (format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"), false),
+        None => (test_support::fresh_pg_database(&env.stack).await, true),
+    };
+    let database = test_support::unique_name("chaos");
+    let prefix = test_support::topic_prefix();
+    let ch = clickhouse::Client::default().with_url(&ch_url).with_validation(false);
+
+    let ingest_count = if fault == Fault::SharedGroupKill { 2 } else { 1 };
+    let mut ingests = Vec::new();
+    for n in 1..=ingest_count {
+        let http = format!("127.0.0.1:{}", test_support::free_port());
+        let mut spec = Spec::new(&format!("ingest-{n}"), env.bins.join("ingest-server"), &dir)
+            .flag("mqtt-port", mqtt_port)
+            .flag("mqtt-client-id", test_support::unique_name(&format!("chaos_ingest{n}")))
+            .flag("topic-prefix", &prefix)
+            .flag("clickhouse-url", &ch_url)
+            .flag("clickhouse-database", &database)
+            .flag("http-address", &http)
+            .flag("batch-max-delay-ms", 200)
+            .flag("rollup-settle-secs", 2)
+            .flag("retry-max-ms", 2000)
+            .env("RUST_LOG", "info");
+        if ingest_count > 1 {
+            spec = spec.flag("shared-group", "chaos");
+        }
+        ingests.push(Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?);
+    }
+
+    let client_id = "chaos-1";
+    let listen_port = test_support::free_port();
+    let agent_http = format!("127.0.0.1:{}", test_support::free_port());
+    let mut agent_spec = Spec::new("agent", env.bins.join("edge-agent"), &dir)
+        .flag("client-id", client_id)
+        .flag("listen", format!("tcp://127.0.0.1:{listen_port}"))
+        .flag("postgres-url", &pg_url)
+        .flag("mqtt-port", mqtt_port)
+        .flag("mqtt-client-id", test_support::unique_name("chaos_agent"))
+        .flag("topic-prefix", &prefix)
+        .flag("http-listen", &agent_http)
+        .flag("confirm", if fault.end_to_end() { "ingest" } else { "echo" })
+        .env("RUST_LOG", "info");
+    if matches!(fault, Fault::QuotaReached | Fault::QuotaDropOldest) {
+        agent_spec = agent_spec.flag("quota-rows", form.quota_rows);
+    }
+    if fault == Fault::QuotaDropOldest {
+        agent_spec = agent_spec.flag("quota-policy", "drop-oldest");
+    }
+    let mut agent = Daemon::start(agent_spec, agent_http, Some(AGENT_READY), START_WITHIN).await?;
+
+    // --- stream known readings ---------------------------------------------------
+    let emission = form.fault_at + fault.expected_duration(form) + form.tail;
+    // The negative control sends 10x faster: the agent's publisher keeps up
+    // to 100,000 committed readings in memory and publishes them after the
+    // outage even when the quota dropped them from the outbox, so only an
+    // outage that brings more than that loses anything.
+    let rate = if fault == Fault::QuotaDropOldest { form.rate * 10 } else { form.rate };
+    let per_emulator = rate * emission.as_secs();
+    let now_s = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
+    let start_ts = (now_s - 3 * 3600) / 60 * 60 * 1_000_000;
+    let mut emulators = Vec::new();
+    let mut streams = Vec::new();
+    for (kind, name, sensors, seed) in EMULATORS {
+        let spec = Spec::new(&format!("emulator-{name}"), env.bins.join(kind.name()), &dir)
+            .flag("connect", format!("tcp://127.0.0.1:{listen_port}"))
+            .flag("rate", rate)
+            .flag("count", per_emulator)
+            .flag("sensors", sensors)
+            .flag("prefix", name)
+            .flag("frame", 50)
+            .flag("seed", seed)
+            .flag("start-ts", start_ts)
+            .flag("ts-step", TS_STEP)
+            .arg("--reliable")
+            .arg("--quiet")
+            .env("RUST_LOG", "info");
+        emulators.push(Emulator::start(spec)?);
+        streams.push(EmittedStream {
+            client_id: client_id.to_owned(),
+            kind,
+            prefix: name.to_owned(),
+            sensors,
+            seed,
+            start_ts,
+            ts_step: TS_STEP,
+            generated: 0,
+            acked: 0,
+        });
+    }
+
+    // --- the fault -----------------------------------------------------------------
+    tokio::time::sleep(form.fault_at).await;
+    let mut notes = Vec::new();
+    let fault_start = Instant::now();
+    let mut answering_at = None;
+    match fault {
+        Fault::KillAgent => {
+            agent.kill().await;
+            agent.restart(START_WITHIN).await?;
+        }
+        Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill => {
+            let victim = &mut ingests[0];
+            let received = victim.metric("telemetry_ingest_received_readings_total").await.unwrap_or(0.0);
+            let inserted = victim.metric("telemetry_ingest_inserted_readings_total").await.unwrap_or(0.0);
+            notes.push(format!("victim had received {received} / inserted {inserted}"));
+            victim.kill().await;
+            tokio::time::sleep(form.kill_gap).await;
+            victim.restart(START_WITHIN).await?;
+        }
+        Fault::BrokerRestart | Fault::PostgresRestart => {
+            let p = private.clone().context("private service")?;
+            blocking(move || p.stop()).await?;
+            tokio::time::sleep(form.restart_pause).await;
+            answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+        }
+        Fault::EndToEndKillBroker | Fault::KillBroker => {
+            let p = private.clone().context("private service")?;
+            blocking(move || p.kill()).await?;
+            tokio::time::sleep(form.restart_pause).await;
+            answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+        }
+        Fault::BrokerDown | Fault::ClickhouseDown | Fault::QuotaReached | Fault::QuotaDropOldest => {
+            let p = private.clone().context("private service")?;
+            if fault == Fault::ClickhouseDown {
+                // SIGKILL: a clean stop lets ClickHouse serve open keep-alive
+                // connections for seconds while it shuts down, which blurs
+                // the outage; a crash is crisp (and harsher).
+                blocking(move || p.kill()).await?;
+            } else {
+                blocking(move || p.stop()).await?;
+            }
+            tokio::time::sleep((fault_start + form.outage).saturating_duration_since(Instant::now())).await;
+            answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+        }
+    }
+    // The fault ends when the broken service accepts connections again (or
+    // the killed daemon is ready again).
+    let fault_end = answering_at.unwrap_or_else(Instant::now);
+    let fault_duration = fault_end - fault_start;
+
+    // --- recovery -------------------------------------------------------------------
+    let mut resent = 0;
+    for (emulator, stream) in emulators.into_iter().zip(&mut streams) {
+        let done = emulator.finish(form.deadline).await?;
+        stream.generated = done.generated;
+        stream.acked = done.acked;
+        resent += done.resent;
+        if !done.success {
+            notes.push(format!("emulator {} ended with {} of {} acked", stream.prefix, done.acked, done.generated));
+        }
+    }
+    let load_done = fault_end.elapsed();
+    let expected = Expected::new(&streams);
+    let want = expected.obligations();
+    let db = format!("`{database}`");
+    let distinct_sql =
+        format!("SELECT count() FROM (SELECT client_id, sensor, ts FROM {db}.readings GROUP BY client_id, sensor, ts)");
+    let deadline = fault_end + form.deadline;
+    let mut recovery = None;
+    let mut progress = (0, Instant::now());
+    loop {
+        let stored = query_count(&ch, &distinct_sql).await.unwrap_or(0);
+        let outbox = agent.metric("telemetry_agent_outbox_rows").await;
+        if stored >= want && outbox == Some(0.0) {
+            recovery = Some(fault_end.elapsed());
+            break;
+        }
+        if stored != progress.0 {
+            progress = (stored, Instant::now());
+        }
+        // Nothing left to send and nothing new stored for a long while: what
+        // is missing will not come (no timing assertion: the oracle judges).
+        if outbox == Some(0.0) && progress.1.elapsed() > Duration::from_secs(30) {
+            notes.push(format!("stalled: {stored} of {want} stored, outbox empty, no progress for 30 s"));
+            break;
+        }
+        if Instant::now() > deadline {
+            notes.push(format!("not recovered: {stored} of {want} stored, outbox {outbox:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The rollup follows the raw table; give it time to settle, then judge.
+    let rollup_sql = format!("SELECT toUInt64(sum(count)) FROM {db}.readings_1m FINAL");
+    let settle_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (d, r) =
+            (query_count(&ch, &distinct_sql).await.unwrap_or(0), query_count(&ch, &rollup_sql).await.unwrap_or(0));
+        if d == r || Instant::now() > settle_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // > rollup_settle_secs: the re-check has run
+    let stored: Vec<StoredReading> = ch
+        .query(&format!(
+            "SELECT client_id, sensor, ts, toUInt64(count()) AS copies, min(value), max(value) \
+             FROM {db}.readings FINAL GROUP BY client_id, sensor, ts"
+        ))
+        .fetch_all()
+        .await
+        .context("read readings FINAL")?;
+    let rollup: Vec<RollupRow> = ch
+        .query(&format!("SELECT client_id, sensor, toUInt32(minute), count, sum, min, max FROM {db}.readings_1m FINAL"))
+        .fetch_all()
+        .await
+        .context("read readings_1m FINAL")?;
+    let mut examples = Vec::new();
+    let verdict = oracle::classify(&expected, &stored, &rollup, &mut examples);
+
+    // --- counters and tear-down ------------------------------------------------------
+    let agent_counter = |name: &'static str| {
+        let agent = &agent;
+        async move { agent.metric(name).await.unwrap_or(0.0) }
+    };
+    notes.push(format!("emulators resent {resent}"));
+    notes.push(format!("agent replayed {}", agent_counter("telemetry_agent_readings_replayed_total").await));
+    notes.push(format!("republished {} batches", agent_counter("telemetry_agent_batches_republished_total").await));
+    let mut error = None;
+    if matches!(fault, Fault::QuotaReached | Fault::QuotaDropOldest) {
+        let held = agent_counter("telemetry_agent_quota_backpressure_total").await;
+        let dropped = agent_counter("telemetry_agent_rows_dropped_total").await;
+        notes.push(format!("back-pressure {held} times, dropped {dropped}"));
+        if held == 0.0 && fault == Fault::QuotaReached {
+            error = Some("the quota was never reached: the scenario did not exercise its fault".to_owned());
+        }
+    }
+    let mut duplicates = 0.0;
+    for ingest in &ingests {
+        duplicates += ingest.metric("telemetry_ingest_duplicate_readings_total").await.unwrap_or(0.0);
+    }
+    notes.push(format!("ingest skipped {duplicates} duplicate readings"));
+    let _ = agent.terminate(Duration::from_secs(20)).await;
+    for ingest in &mut ingests {
+        let _ = ingest.terminate(Duration::from_secs(20)).await;
+    }
+    if shared_pg {
+        test_support::drop_pg_database(&env.stack, &pg_url).await;
+    }
+    if verdict.pass() && error.is_none() && !env.keep_data {
+        let _ = ch.query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await;
+    } else {
+        notes.push(format!("data kept in ClickHouse database {database} ({ch_url})"));
+    }
+    if let Some(p) = private {
+        blocking(move || drop(p)).await?;
+    }
+    if verdict.obligations == 0 {
+        bail!("no reading was acked: the scenario proves nothing");
+    }
+    Ok(Outcome {
+        fault,
+        verdict: Some(verdict),
+        error,
+        recovery,
+        fault_duration,
+        load_done: Some(load_done),
+        wall: Duration::ZERO,
+        notes: notes.join("; "),
+        examples,
+    })
+}
+
+/// Starts a stopped private instance again; returns when its port first
+/// accepted a connection (the start command itself waits for more, e.g. a
+/// query answered, and polls more slowly).
+async fn restart_private(p: Arc<PrivateService>) -> Result<Instant> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], p.port));
+    let mut restart = tokio::task::spawn_blocking(move || p.restart());
+    let mut accepted = None;
+    loop {
+        tokio::select! {
+            done = &mut restart => {
+                done.map_err(|e| anyhow!("restart: {e}"))?;
+                return Ok(accepted.unwrap_or_else(Instant::now));
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)), if accepted.is_none() => {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    accepted = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+async fn query_count(ch: &clickhouse::Client, sql: &str) -> Result<u64> {
+    Ok(ch.query(sql).fetch_one::<u64>().await?)
+}
