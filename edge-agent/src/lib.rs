@@ -253,7 +253,8 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
     tracing::info!(outbox_rows = shared.outbox_size().0, "stopped");
 }
 
-/// Exponential backoff with jitter, without a limit on attempts.
+/// Exponential backoff with jitter, without a limit on attempts. backon's
+/// jitter adds up to 100% of the delay, so a delay can reach `2 * max`.
 #[must_use]
 pub fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
     backon::ExponentialBuilder::new().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times().build()

@@ -69,12 +69,12 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
 /// gone, forwarding connection changes and incoming messages. Errors are
 /// followed by an exponential backoff with jitter before the next attempt.
 pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
-    let mut backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+    let mut backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(5));
     let mut refusals = 0u32;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(10));
+                backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(5));
                 refusals = 0;
                 shared.metrics.mqtt_connects.inc();
                 shared.metrics.mqtt_connected.set(1);

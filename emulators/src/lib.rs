@@ -9,11 +9,14 @@
 //!   rate, read acks, keep unacked frames and resend them after a reconnect
 //!   (`--reliable`).
 //! - [`cli`]: flags and the progress line.
+//! - [`fleet`]: the `fleet` load generator: many simulated agents publishing
+//!   batches over MQTT (the ingest server's load, without agents).
 //!
 //! The binaries `temperature`, `pressure` and `height` are thin wrappers
 //! around [`cli::main`]. Tests drive [`stream::run`] directly.
 
 pub mod cli;
+pub mod fleet;
 pub mod signal;
 pub mod stream;
 
