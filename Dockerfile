@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image with every binary of the pipeline: edge-agent, ingest-server and
-# the emulators temperature, pressure and height. docker-compose.yml picks the
-# program per service with `command:`.
+# the emulators temperature, pressure, height and the fleet load generator.
+# docker-compose.yml picks the program per service with `command:`.
 #
 #   docker build -t telemetry-pipeline .
 #   docker run --rm telemetry-pipeline edge-agent --help
@@ -20,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p edge-agent -p ingest-server -p emulators \
     && mkdir -p /out \
-    && for bin in edge-agent ingest-server temperature pressure height; do \
+    && for bin in edge-agent ingest-server temperature pressure height fleet; do \
            cp "target/release/$bin" /out/; \
        done
 

@@ -12,38 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A secret (password): never printed by `Debug` or `Display`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for handing to a client library.
-    #[must_use]
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether no secret is set.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+pub use mqtt_secure::Secret;
 
 /// Which stream encoding a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -317,8 +286,9 @@ impl Config {
                     reason: "set either the password or its file, not both".into(),
                 });
             }
-            *secret =
-                Secret(mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?);
+            *secret = Secret::new(
+                mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?,
+            );
         }
         Ok(())
     }

@@ -2,47 +2,11 @@
 //! command-line flags (each later source overrides the earlier ones). With no
 //! file at all the defaults run against `scripts/stack`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// A secret (password): never printed by `Debug` or `Display`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value, for handing to a client library.
-    #[must_use]
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether it is empty (no password).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "Secret(\"\")" } else { "Secret(***)" })
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+pub use mqtt_secure::Secret;
 
 /// Everything the ingest server can be told. Keys are flat so that each has
 /// an obvious environment variable (`INGEST_` + upper case) and flag
@@ -297,8 +261,9 @@ impl Config {
             if !secret.is_empty() {
                 return Err(invalid(key, "set either the password or its file, not both"));
             }
-            *secret =
-                Secret(mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?);
+            *secret = Secret::new(
+                mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?,
+            );
         }
         Ok(())
     }

@@ -18,6 +18,10 @@
 //! No function here puts a secret into an error, a `Debug` output or a log:
 //! errors name files and reasons, never contents.
 
+mod secret;
+
+pub use secret::Secret;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
