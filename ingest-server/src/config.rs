@@ -90,8 +90,8 @@ pub struct Config {
     pub rollup_settle_secs: u64,
     /// On shutdown, how long to keep trying to flush and ack, in seconds.
     pub shutdown_timeout_secs: u64,
-    /// Address of the HTTP listener for `/metrics` and `/healthz`
-    /// (empty: no listener).
+    /// Address of the HTTP listener for the dashboard (`/`), the JSON API
+    /// (`/api/`), `/metrics` and `/healthz` (empty: no listener).
     pub http_address: String,
 }
 
