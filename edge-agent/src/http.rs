@@ -1,7 +1,6 @@
 //! The agent's small HTTP listener: `/metrics` (Prometheus text) and
 //! `/healthz` (JSON: broker connection and outbox backlog).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -28,7 +27,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let (rows, bytes) = shared.outbox_size();
     Json(serde_json::json!({
         "status": "ok",
-        "mqtt_connected": shared.connected.load(Ordering::Relaxed),
+        "mqtt_connected": shared.connected(),
         "outbox_rows": rows,
         "outbox_bytes": bytes,
     }))

@@ -260,9 +260,4 @@ pub fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
     backon::ExponentialBuilder::new().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times().build()
 }
 
-/// Current wall-clock time in Unix microseconds.
-#[must_use]
-pub fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
-}
+pub use telemetry_wire::reading::now_micros;

@@ -78,7 +78,6 @@ pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent
                 refusals = 0;
                 shared.metrics.mqtt_connects.inc();
                 shared.metrics.mqtt_connected.set(1);
-                shared.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("connected to the broker");
                 if tx.send(MqttEvent::Connected).await.is_err() {
                     return;
@@ -93,8 +92,8 @@ pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent
             Ok(_) => {}
             Err(error) => {
                 shared.metrics.mqtt_errors.inc();
-                shared.metrics.mqtt_connected.set(0);
-                let was_connected = shared.connected.swap(false, std::sync::atomic::Ordering::Relaxed);
+                // `set` returns the previous value: 1 means the link just dropped.
+                let was_connected = shared.metrics.mqtt_connected.set(0) == 1;
                 let mut delay = backoff.next().unwrap_or(Duration::from_secs(10));
                 let failure = mqtt_secure::classify(&error);
                 if failure.is_permanent() {

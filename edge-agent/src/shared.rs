@@ -1,7 +1,7 @@
 //! State shared by the agent's tasks: metrics, the outbox size (for the
 //! quota and the status message), and the highest committed seq.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -17,8 +17,6 @@ pub struct Shared {
     committed_high: AtomicU64,
     /// Notified whenever rows leave the outbox (quota waiters).
     pub space_freed: Notify,
-    /// Whether the broker connection is up.
-    pub connected: AtomicBool,
 }
 
 impl Shared {
@@ -57,6 +55,12 @@ impl Shared {
         let (rows, bytes) = self.outbox_size();
         self.metrics.outbox_rows.set(i64::try_from(rows).unwrap_or(i64::MAX));
         self.metrics.outbox_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Whether the broker connection is up (the `mqtt_connected` gauge).
+    #[must_use]
+    pub fn connected(&self) -> bool {
+        self.metrics.mqtt_connected.get() == 1
     }
 
     /// The highest seq committed so far.

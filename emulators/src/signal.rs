@@ -86,12 +86,7 @@ impl Signal {
     }
 }
 
-/// Current wall-clock time in Unix microseconds.
-#[must_use]
-pub fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
-}
+pub use telemetry_wire::reading::now_micros;
 
 #[cfg(test)]
 mod tests {

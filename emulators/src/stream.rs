@@ -385,7 +385,7 @@ pub async fn run(config: StreamConfig, progress: Arc<Progress>, cancel: Cancella
                     Codec::Bincode => {
                         if let Err(error) = codec.encode(&batch[..], &mut out) {
                             tracing::error!(%error, "frame does not fit the frame limit; lower --frame");
-                            return finish(stats, &generator, &unacked, &progress);
+                            return finish(stats, &generator, &progress);
                         }
                         1
                     }
@@ -403,7 +403,6 @@ pub async fn run(config: StreamConfig, progress: Arc<Progress>, cancel: Cancella
                 stats.sent += batch.len() as u64;
             }
             progress.generated.store(generator.generated, Ordering::Relaxed);
-            let written = out.len();
             let write = tokio::select! {
                 result = writer.write_all_buf(&mut out) => result,
                 () = cancel.cancelled(), if !config.reliable => break,
@@ -413,7 +412,6 @@ pub async fn run(config: StreamConfig, progress: Arc<Progress>, cancel: Cancella
                 lost_connection = true;
                 break;
             }
-            let _ = written;
             progress.sent.store(stats.sent, Ordering::Relaxed);
             if ack_rx.has_changed().is_err() {
                 lost_connection = true;
@@ -433,15 +431,10 @@ pub async fn run(config: StreamConfig, progress: Arc<Progress>, cancel: Cancella
         }
         tracing::warn!(endpoint = %config.endpoint, unacked = unacked.len(), "connection lost");
     }
-    finish(stats, &generator, &unacked, &progress)
+    finish(stats, &generator, &progress)
 }
 
-fn finish(
-    mut stats: StreamStats,
-    generator: &Generator,
-    _unacked: &VecDeque<Unacked>,
-    progress: &Progress,
-) -> StreamStats {
+fn finish(mut stats: StreamStats, generator: &Generator, progress: &Progress) -> StreamStats {
     stats.generated = generator.generated;
     let end = generator.finished_at.unwrap_or_else(Instant::now);
     stats.generating_secs = end.duration_since(generator.started).as_secs_f64();

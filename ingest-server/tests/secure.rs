@@ -204,7 +204,7 @@ async fn a_wrong_password_is_refused_with_a_clear_error_and_backoff() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let attempts = agent.shared.metrics.mqtt_errors.get();
     assert!((1..=4).contains(&attempts), "agent made {attempts} attempts in 10 s");
-    assert!(!agent.shared.connected.load(Ordering::Relaxed));
+    assert!(!agent.shared.connected());
     agent.shutdown().await;
 }
 

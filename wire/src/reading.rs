@@ -87,6 +87,13 @@ impl Reading {
     }
 }
 
+/// Current wall-clock time in Unix microseconds: the unit of [`Reading::ts`].
+#[must_use]
+pub fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Checks a sensor name against the rules of [`Reading::validate`].
 ///
 /// # Errors
