@@ -254,16 +254,10 @@ impl Config {
             ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
             ("clickhouse_password_file", &mut self.clickhouse_password_file, &mut self.clickhouse_password),
         ] {
-            let path = std::mem::take(file);
-            if path.as_os_str().is_empty() {
-                continue;
-            }
-            if !secret.is_empty() {
-                return Err(invalid(key, "set either the password or its file, not both"));
-            }
-            *secret = Secret::new(
-                mqtt_secure::read_secret_file(&path).map_err(|source| ConfigError::SecretFile { key, source })?,
-            );
+            secret.take_from_file(file).map_err(|error| match error {
+                mqtt_secure::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
+                mqtt_secure::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
+            })?;
         }
         Ok(())
     }
@@ -271,12 +265,12 @@ impl Config {
     /// The TLS files, when `mqtt_tls` is on.
     #[must_use]
     pub fn mqtt_tls_files(&self) -> Option<mqtt_secure::TlsFiles> {
-        let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
-        self.mqtt_tls.then(|| mqtt_secure::TlsFiles {
-            ca: self.mqtt_ca_file.clone(),
-            client_cert: path(&self.mqtt_client_cert_file),
-            client_key: path(&self.mqtt_client_key_file),
-        })
+        mqtt_secure::TlsFiles::from_settings(
+            self.mqtt_tls,
+            &self.mqtt_ca_file,
+            &self.mqtt_client_cert_file,
+            &self.mqtt_client_key_file,
+        )
     }
 }
 

@@ -20,7 +20,7 @@
 
 mod secret;
 
-pub use secret::Secret;
+pub use secret::{Secret, SecretFileError};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,17 @@ pub struct TlsFiles {
     pub client_cert: Option<PathBuf>,
     /// The client certificate's private key.
     pub client_key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files named by a daemon's `mqtt_tls`, `mqtt_ca_file`,
+    /// `mqtt_client_cert_file` and `mqtt_client_key_file` settings (an empty
+    /// path means "not set"); `None` when TLS is off.
+    #[must_use]
+    pub fn from_settings(tls: bool, ca: &Path, client_cert: &Path, client_key: &Path) -> Option<Self> {
+        let set = |p: &Path| (!p.as_os_str().is_empty()).then(|| p.to_owned());
+        tls.then(|| Self { ca: ca.to_owned(), client_cert: set(client_cert), client_key: set(client_key) })
+    }
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, SecureError> {
