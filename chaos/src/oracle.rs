@@ -149,6 +149,8 @@ pub struct Verdict {
     pub rollup_short: u64,
     /// Of `duplicated`: the part found in the rollup comparison.
     pub rollup_excess: u64,
+    /// Of `corrupted`: the part found in the rollup comparison.
+    pub rollup_corrupted: u64,
 }
 
 impl Verdict {
@@ -260,6 +262,7 @@ pub fn classify(
             let tolerance = 1e-9 * a.sum.abs().max(1.0);
             if (row.sum - a.sum).abs() > tolerance || row.min != a.min || row.max != a.max {
                 v.corrupted += 1;
+                v.rollup_corrupted += 1;
                 note(format!(
                     "corrupted: rollup {key:?} sum/min/max {}/{}/{}, recomputed {}/{}/{}",
                     row.sum, row.min, row.max, a.sum, a.min, a.max
@@ -276,6 +279,19 @@ pub fn classify(
     v.lost += v.rollup_short;
     v.duplicated += v.rollup_excess;
     v
+}
+
+impl Verdict {
+    /// Adds the rollup findings of `other`, a verdict over the same raw
+    /// rows against another view of the rollup (its raw findings are these).
+    pub fn add_rollup_findings(&mut self, other: &Verdict) {
+        self.lost += other.rollup_short;
+        self.rollup_short += other.rollup_short;
+        self.duplicated += other.rollup_excess;
+        self.rollup_excess += other.rollup_excess;
+        self.corrupted += other.rollup_corrupted;
+        self.rollup_corrupted += other.rollup_corrupted;
+    }
 }
 
 #[cfg(test)]

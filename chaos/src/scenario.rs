@@ -332,7 +332,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             .flag("clickhouse-database", &database)
             .flag("http-address", &http)
             .flag("batch-max-delay-ms", 200)
-            .flag("rollup-settle-secs", 2)
+            .flag("rollup-after-secs", 0)
+            .flag("rollup-interval-ms", 500)
             .flag("retry-max-ms", 2000)
             .env("RUST_LOG", "info");
         if ingest_count > 1 {
@@ -494,18 +495,29 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // The rollup follows the raw table; give it time to settle, then judge.
+    // The materialised rollup follows the raw table by a pass or two: wait
+    // until every marker is consumed (bounded), then judge both it and the
+    // live view (which must be exact at any moment).
     let rollup_sql = format!("SELECT toUInt64(sum(count)) FROM {db}.readings_1m FINAL");
+    let pending_sql = format!(
+        "SELECT count() FROM (SELECT client_id FROM {db}.rollup_queue \
+         GROUP BY client_id, minute, token HAVING sum(pending) > 0)"
+    );
     let settle_deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (d, r) =
-            (query_count(&ch, &distinct_sql).await.unwrap_or(0), query_count(&ch, &rollup_sql).await.unwrap_or(0));
-        if d == r || Instant::now() > settle_deadline {
+        let (d, r, p) = (
+            query_count(&ch, &distinct_sql).await.unwrap_or(0),
+            query_count(&ch, &rollup_sql).await.unwrap_or(0),
+            query_count(&ch, &pending_sql).await.unwrap_or(u64::MAX),
+        );
+        if (d == r && p == 0) || Instant::now() > settle_deadline {
+            if p != 0 {
+                notes.push(format!("rollup markers still pending after 60 s: {p}"));
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await; // > rollup_settle_secs: the re-check has run
     let stored: Vec<StoredReading> = ch
         .query(&format!(
             "SELECT client_id, sensor, ts, toUInt64(count()) AS copies, min(value), max(value) \
@@ -519,8 +531,14 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         .fetch_all()
         .await
         .context("read readings_1m FINAL")?;
+    let live: Vec<RollupRow> = ch
+        .query(&format!("SELECT client_id, sensor, toUInt32(minute), count, sum, min, max FROM {db}.readings_1m_live"))
+        .fetch_all()
+        .await
+        .context("read readings_1m_live")?;
     let mut examples = Vec::new();
-    let verdict = oracle::classify(&expected, &stored, &rollup, &mut examples);
+    let mut verdict = oracle::classify(&expected, &stored, &rollup, &mut examples);
+    verdict.add_rollup_findings(&oracle::classify(&expected, &stored, &live, &mut examples));
 
     // --- counters and tear-down ------------------------------------------------------
     let agent_counter = |name: &'static str| {

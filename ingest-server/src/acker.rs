@@ -10,6 +10,15 @@
 //!   were marked stored: never a seq that is not in ClickHouse.
 //! - An abandoned job (shutdown deadline while ClickHouse was down) is not
 //!   acked at all; the broker redelivers it to the persistent session.
+//! - A message is PUBACKed only on the connection that delivered it: if
+//!   that connection is gone, the broker redelivers the message on the new
+//!   one, where it is a duplicate of what this job stored and is acked then.
+//!   (The check and the PUBACK's trip through rumqttc's request channel are
+//!   not atomic: a reconnect in that instant can still put an old packet id
+//!   on the new connection, a window of microseconds instead of a whole
+//!   insert.)
+//! - A failed insert task (a panic) releases its claims, so the redelivered
+//!   copies are stored, not skipped as duplicates.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,11 +27,10 @@ use rumqttc::{AsyncClient, QoS};
 use telemetry_wire::{IngestAck, SeqRange};
 use tokio::sync::mpsc;
 
-use crate::batcher::InFlight;
 use crate::dedup::DedupState;
+use crate::job::{InFlight, Job};
 use crate::metrics::Metrics;
-use crate::rollup::Touched;
-use crate::subscriber::Topics;
+use crate::subscriber::{Generation, Topics};
 
 /// Everything the acker needs.
 #[derive(Debug)]
@@ -35,20 +43,27 @@ pub struct Acker {
     pub metrics: Arc<Metrics>,
     /// Topic layout.
     pub topics: Topics,
-    /// Second rollup pass, if enabled.
-    pub settle_tx: Option<mpsc::Sender<Touched>>,
+    /// The current MQTT connection.
+    pub generation: Generation,
 }
 
 impl Acker {
     /// Completes in-flight jobs until the channel closes.
     pub async fn run(self, mut rx: mpsc::Receiver<InFlight>) {
-        while let Some((handle, permit)) = rx.recv().await {
+        while let Some((handle, claims, permit)) = rx.recv().await {
             let outcome = match handle.await {
                 Ok(outcome) => outcome,
                 Err(error) => {
-                    // The store task panicked or was aborted: its messages stay unacked.
+                    // The store task panicked or was aborted: its messages stay
+                    // unacked, and its claims must not make their redelivered
+                    // copies look like duplicates.
                     tracing::error!(%error, "insert task failed; its messages are left for redelivery");
                     self.metrics.inflight_inserts.dec();
+                    self.metrics.insert_task_failures.inc();
+                    let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+                    for (client_id, epoch, lo, hi) in claims {
+                        dedup.release(&client_id, epoch, lo, hi);
+                    }
                     drop(permit);
                     continue;
                 }
@@ -56,7 +71,10 @@ impl Acker {
             self.metrics.inflight_inserts.dec();
             let job = outcome.job;
             if outcome.abandoned {
-                tracing::warn!(messages = job.messages.len(), "batch abandoned at shutdown; left for redelivery");
+                tracing::warn!(messages = job.messages.len(), "batch abandoned; left for redelivery");
+                for _ in &job.messages {
+                    self.metrics.unacked_messages.dec();
+                }
                 self.release(&job);
                 drop(permit);
                 continue;
@@ -88,12 +106,21 @@ impl Acker {
                 per_client.into_iter().map(|(c, ranges)| (c.to_owned(), merge(ranges))).collect::<Vec<_>>()
             };
             // PUBACK first: the broker may forget these messages now.
-            for publish in &job.messages {
-                if let Err(error) = self.client.ack(publish).await {
+            let mut stale = 0u64;
+            for message in &job.messages {
+                self.metrics.unacked_messages.dec();
+                if !self.generation.is_current(message.generation) {
+                    stale += 1;
+                    continue;
+                }
+                if let Err(error) = self.client.ack(&message.publish).await {
                     tracing::error!(%error, "cannot queue PUBACK");
                 }
                 self.metrics.acked_messages.inc();
-                self.metrics.unacked_messages.dec();
+            }
+            if stale > 0 {
+                self.metrics.stale_pubacks.inc_by(stale);
+                tracing::info!(messages = stale, "stored, but delivered on a connection that is gone: not PUBACKed there; the broker redelivers them and they are acked as duplicates");
             }
             for (client_id, ranges) in acks {
                 let payload = IngestAck { ranges }.encode();
@@ -106,16 +133,11 @@ impl Acker {
             }
             self.metrics.batches.inc();
             tracing::debug!(messages = job.messages.len(), rows = job.rows, stored = outcome.stored, "batch acked");
-            if let (Some(tx), Some(touched)) = (&self.settle_tx, job.touched) {
-                if tx.try_send(touched).is_err() {
-                    tracing::debug!("second rollup pass is busy; minutes rely on the first pass");
-                }
-            }
             drop(permit);
         }
     }
 
-    fn release(&self, job: &crate::batcher::Job) {
+    fn release(&self, job: &Job) {
         let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
         for part in &job.parts {
             for &(lo, hi) in &part.fresh {

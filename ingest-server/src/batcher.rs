@@ -6,83 +6,35 @@
 //! A job is flushed when it holds `batch_max_rows` new readings, or
 //! `batch_max_messages` unacked messages (the broker stops sending at its
 //! `max_inflight_messages`, so waiting for rows alone could stall), or
-//! `batch_max_delay_ms` after its first message, or at shutdown.
+//! `batch_max_bytes` of payload, or `batch_max_delay_ms` after its first
+//! message, or at shutdown.
 //!
-//! # Bounded memory
+//! # Bounded memory, without starving the MQTT connection
 //! At most `max_inflight_inserts` jobs are being stored at once (a
-//! semaphore). When all permits are taken the batcher stops reading its
-//! channel, the channel fills, the MQTT poll task stops polling, and the
-//! broker holds the rest. Memory is bounded by
-//! `(max_inflight_inserts + 1) * batch_max_messages` messages plus the
-//! channel.
+//! semaphore). When all permits are taken the batcher waits and its inbound
+//! queue grows; the MQTT poll task never waits on it (it must keep polling
+//! to answer the broker's keep-alive). What bounds the queue is the
+//! broker's in-flight limit for this client (`max_inflight_messages` in
+//! `deploy/mosquitto.conf`): it sends no more than that many messages
+//! un-PUBACKed. Memory is bounded by that limit times the largest message.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::Publish;
-use telemetry_wire::{AgentStatus, Batch, SeqRange};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use telemetry_wire::{AgentStatus, Batch};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::deadletter::{unix_seconds, DeadLetter};
 use crate::dedup::DedupState;
+use crate::job::{AckItem, BatchPart, InFlight, Job, Message};
 use crate::metrics::{KindLabel, Metrics};
-use crate::rollup::Touched;
 use crate::subscriber::{Inbound, TopicKind, Topics};
-use crate::writer::{Outcome, Writer};
-
-/// A decoded batch and the seqs of it that are new (to insert).
-#[derive(Debug)]
-pub struct BatchPart {
-    /// The decoded batch.
-    pub batch: Batch,
-    /// Ranges of it nobody stored or claimed before (non-empty).
-    pub fresh: Vec<(u64, u64)>,
-    /// Index of its message in [`Job::messages`].
-    pub message: usize,
-}
-
-/// What an ack on `<prefix>/ack/<client_id>` should confirm once stored.
-#[derive(Debug, Clone)]
-pub struct AckItem {
-    /// The device.
-    pub client_id: String,
-    /// The batch's whole range; the ack names the stored part of it.
-    pub range: SeqRange,
-}
-
-/// Messages gathered for one insert.
-#[derive(Debug, Default)]
-pub struct Job {
-    /// Every message, to PUBACK once the job is stored.
-    pub messages: Vec<Publish>,
-    /// New readings, per batch.
-    pub parts: Vec<BatchPart>,
-    /// Ranges to confirm to agents.
-    pub acks: Vec<AckItem>,
-    /// Agent statuses and their receive time.
-    pub statuses: Vec<(AgentStatus, u32)>,
-    /// Messages for `ingest_errors`.
-    pub dead: Vec<DeadLetter>,
-    /// New readings in [`Job::parts`].
-    pub rows: usize,
-    /// Minutes the insert touched (set by the writer once stored).
-    pub touched: Option<Touched>,
-    opened: Option<Instant>,
-}
-
-impl Job {
-    fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-}
-
-/// A job being stored and the permit it holds.
-pub type InFlight = (JoinHandle<Outcome>, OwnedSemaphorePermit);
+use crate::writer::Writer;
 
 /// The batcher's state.
 #[derive(Debug)]
@@ -91,6 +43,7 @@ pub struct Batcher {
     max_payload: usize,
     max_rows: usize,
     max_messages: usize,
+    max_bytes: usize,
     max_delay: Duration,
     dedup: Arc<Mutex<DedupState>>,
     metrics: Arc<Metrics>,
@@ -116,6 +69,7 @@ impl Batcher {
             max_payload: config.max_payload_bytes,
             max_rows: config.batch_max_rows,
             max_messages: config.batch_max_messages,
+            max_bytes: config.batch_max_bytes,
             max_delay: Duration::from_millis(config.batch_max_delay_ms),
             dedup,
             metrics,
@@ -127,7 +81,7 @@ impl Batcher {
     }
 
     /// Reads `rx` until `shutdown` (or the channel closes), then flushes.
-    pub async fn run(self, mut rx: mpsc::Receiver<Inbound>, shutdown: CancellationToken) {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Inbound>, shutdown: CancellationToken) {
         let mut job = Job::default();
         loop {
             let deadline =
@@ -140,12 +94,16 @@ impl Batcher {
                 }
                 inbound = rx.recv() => match inbound {
                     None => break,
-                    Some(Inbound::Connected { session_present }) => {
-                        tracing::debug!(session_present, "batcher sees a (re)connection");
+                    Some(Inbound::Connected { session_present, generation }) => {
+                        tracing::debug!(session_present, generation, "batcher sees a (re)connection");
                     }
-                    Some(Inbound::Publish(publish)) => {
-                        self.accept(&mut job, publish);
-                        if job.rows >= self.max_rows || job.messages.len() >= self.max_messages {
+                    Some(Inbound::Publish(message)) => {
+                        self.metrics.inbound_queue.dec();
+                        self.accept(&mut job, message);
+                        if job.rows >= self.max_rows
+                            || job.messages.len() >= self.max_messages
+                            || job.bytes >= self.max_bytes
+                        {
                             self.flush(&mut job).await;
                         }
                     }
@@ -172,29 +130,32 @@ impl Batcher {
         self.metrics.batch_rows.observe(job.rows as f64);
         self.metrics.inflight_inserts.inc();
         tracing::debug!(messages = job.messages.len(), rows = job.rows, dead = job.dead.len(), "flushing batch");
+        let claims = job.claims();
         let handle = tokio::spawn(self.writer.clone().store(job));
-        if self.inflight_tx.send((handle, permit)).await.is_err() {
+        if self.inflight_tx.send((handle, claims, permit)).await.is_err() {
             tracing::error!("acker is gone; batch will not be acked (redelivered later)");
         }
     }
 
     /// Decodes and sorts one message into `job`.
-    fn accept(&self, job: &mut Job, publish: Publish) {
+    fn accept(&self, job: &mut Job, message: Message) {
+        let publish = &message.publish;
         self.metrics.unacked_messages.inc();
         if job.opened.is_none() {
             job.opened = Some(Instant::now());
         }
         let index = job.messages.len();
+        job.bytes += publish.payload.len();
         match self.topics.classify(&publish.topic) {
             TopicKind::Client(client_id) => {
                 self.count("batch");
                 match Batch::decode(&publish.payload, self.max_payload) {
                     Err(error) => {
-                        job.dead.push(dead(&publish, client_id, error.kind(), error.to_string()));
+                        job.dead.push(dead(publish, client_id, error.kind(), error.to_string()));
                     }
                     Ok(batch) if batch.client_id != client_id => {
                         let error = format!("payload client id {:?} is not the topic's {client_id:?}", batch.client_id);
-                        job.dead.push(dead(&publish, client_id, "client_id_mismatch", error));
+                        job.dead.push(dead(publish, client_id, "client_id_mismatch", error));
                     }
                     Ok(batch) => self.accept_batch(job, batch, index),
                 }
@@ -209,18 +170,18 @@ impl Batcher {
                         Ok(status) => {
                             let error =
                                 format!("status client id {:?} is not the topic's {client_id:?}", status.client_id);
-                            job.dead.push(dead(&publish, client_id, "client_id_mismatch", error));
+                            job.dead.push(dead(publish, client_id, "client_id_mismatch", error));
                         }
-                        Err(error) => job.dead.push(dead(&publish, client_id, "bad_status", error.to_string())),
+                        Err(error) => job.dead.push(dead(publish, client_id, "bad_status", error.to_string())),
                     }
                 }
             }
             TopicKind::Other => {
                 self.count("other");
-                job.dead.push(dead(&publish, "", "unknown_topic", "topic outside the layout".into()));
+                job.dead.push(dead(publish, "", "unknown_topic", "topic outside the layout".into()));
             }
         }
-        job.messages.push(publish);
+        job.messages.push(message);
     }
 
     fn accept_batch(&self, job: &mut Job, batch: Batch, index: usize) {

@@ -38,10 +38,9 @@ pub struct Config {
     pub mqtt_client_cert_file: PathBuf,
     /// PEM private key of the client certificate.
     pub mqtt_client_key_file: PathBuf,
-    /// MQTT keep-alive in seconds. While ClickHouse is down the server stops
-    /// polling the broker (back-pressure); the broker may then drop the
-    /// connection after 1.5 keep-alives, which loses nothing (persistent
-    /// session, redelivery, deduplication).
+    /// MQTT keep-alive in seconds. The server keeps polling (and pinging)
+    /// the broker while ClickHouse is slow or down; inflow is bounded by the
+    /// broker's in-flight limit for this client, not by going silent.
     pub mqtt_keep_alive_secs: u64,
     /// Topic prefix: batches arrive on `<prefix>/client/<client_id>`, acks
     /// go to `<prefix>/ack/<client_id>`, status on `<prefix>/status/<client_id>`.
@@ -70,24 +69,35 @@ pub struct Config {
     /// Flush a batch at the latest this many milliseconds after its first message.
     pub batch_max_delay_ms: u64,
     /// Flush a batch when it holds this many MQTT messages not yet acked.
-    /// Keep it at or below the broker's `max_inflight_messages` (when that
-    /// is not 0), otherwise the broker stops sending before a flush triggers
-    /// and every batch waits for the timer.
+    /// The broker's `max_inflight_messages` for this client should be at
+    /// least `(max_inflight_inserts + 1) * batch_max_messages`: below that
+    /// the broker stops sending before a flush triggers and batches wait for
+    /// the timer; that limit (not 0 = unlimited) is also what bounds the
+    /// server's memory while ClickHouse is slow.
     pub batch_max_messages: usize,
-    /// Inserts (batches) in flight at once; beyond it the server stops pulling.
+    /// Flush a batch when its payloads hold this many bytes.
+    pub batch_max_bytes: usize,
+    /// Inserts (batches) in flight at once; beyond it new messages wait in
+    /// memory (bounded by the broker's in-flight limit) while the MQTT
+    /// connection keeps being polled.
     pub max_inflight_inserts: usize,
-    /// Capacity of the channel between the MQTT event loop and the batcher.
-    pub channel_capacity: usize,
     /// First retry delay after a failed insert, in milliseconds.
     pub retry_min_ms: u64,
     /// Longest retry delay, in milliseconds (exponential backoff with jitter).
     pub retry_max_ms: u64,
     /// Timeout of one ClickHouse request, in seconds.
     pub insert_timeout_secs: u64,
-    /// Seconds after which the minutes an insert touched are recomputed in
-    /// the rollup a second time (covers concurrent inserts by other servers);
-    /// 0 disables the second pass.
-    pub rollup_settle_secs: u64,
+    /// Milliseconds between two rollup passes (each folds the closed
+    /// minutes with pending markers into `readings_1m`).
+    pub rollup_interval_ms: u64,
+    /// A minute is folded into `readings_1m` once this many seconds passed
+    /// since its start (70: its end plus 10 s for stragglers). Until then it
+    /// is answered from raw rows. Later readings re-open it; it is folded
+    /// in again. 0 folds in every minute at every pass (tests).
+    pub rollup_after_secs: u64,
+    /// Rollup markers written by another ingest server are folded in by this
+    /// one once they are this many seconds old (that server may be gone).
+    pub rollup_orphan_secs: u64,
     /// On shutdown, how long to keep trying to flush and ack, in seconds.
     pub shutdown_timeout_secs: u64,
     /// Address of the HTTP listener for the dashboard (`/`), the JSON API
@@ -118,15 +128,17 @@ impl Default for Config {
             clickhouse_password: Secret::default(),
             clickhouse_password_file: PathBuf::new(),
             retention_days: 0,
-            batch_max_rows: 100_000,
+            batch_max_rows: 200_000,
             batch_max_delay_ms: 1000,
-            batch_max_messages: 1000,
+            batch_max_messages: 10_000,
+            batch_max_bytes: 32 << 20,
             max_inflight_inserts: 2,
-            channel_capacity: 1024,
             retry_min_ms: 100,
             retry_max_ms: 5000,
             insert_timeout_secs: 60,
-            rollup_settle_secs: 10,
+            rollup_interval_ms: 2000,
+            rollup_after_secs: 70,
+            rollup_orphan_secs: 300,
             shutdown_timeout_secs: 30,
             http_address: String::new(),
         }
@@ -218,8 +230,8 @@ impl Config {
         for (key, value) in [
             ("batch_max_rows", self.batch_max_rows),
             ("batch_max_messages", self.batch_max_messages),
+            ("batch_max_bytes", self.batch_max_bytes),
             ("max_inflight_inserts", self.max_inflight_inserts),
-            ("channel_capacity", self.channel_capacity),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -227,6 +239,9 @@ impl Config {
         }
         if self.max_payload_bytes > telemetry_wire::MAX_PAYLOAD_BYTES {
             return Err(invalid("max_payload_bytes", format!("at most {}", telemetry_wire::MAX_PAYLOAD_BYTES)));
+        }
+        if self.rollup_interval_ms == 0 {
+            return Err(invalid("rollup_interval_ms", "must be at least 1"));
         }
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return Err(invalid("retry_min_ms", "must be > 0 and <= retry_max_ms"));
@@ -335,12 +350,14 @@ overrides! {
     batch_max_rows: usize => "INGEST_BATCH_MAX_ROWS",
     batch_max_delay_ms: u64 => "INGEST_BATCH_MAX_DELAY_MS",
     batch_max_messages: usize => "INGEST_BATCH_MAX_MESSAGES",
+    batch_max_bytes: usize => "INGEST_BATCH_MAX_BYTES",
     max_inflight_inserts: usize => "INGEST_MAX_INFLIGHT_INSERTS",
-    channel_capacity: usize => "INGEST_CHANNEL_CAPACITY",
     retry_min_ms: u64 => "INGEST_RETRY_MIN_MS",
     retry_max_ms: u64 => "INGEST_RETRY_MAX_MS",
     insert_timeout_secs: u64 => "INGEST_INSERT_TIMEOUT_SECS",
-    rollup_settle_secs: u64 => "INGEST_ROLLUP_SETTLE_SECS",
+    rollup_interval_ms: u64 => "INGEST_ROLLUP_INTERVAL_MS",
+    rollup_after_secs: u64 => "INGEST_ROLLUP_AFTER_SECS",
+    rollup_orphan_secs: u64 => "INGEST_ROLLUP_ORPHAN_SECS",
     shutdown_timeout_secs: u64 => "INGEST_SHUTDOWN_TIMEOUT_SECS",
     http_address: String => "INGEST_HTTP_ADDRESS",
 }

@@ -2,23 +2,27 @@
 //! after they are stored, deduplicated by exact seq ranges, with dead letters.
 //!
 //! ```text
-//! broker --poll task--> [bounded channel] --> batcher --(permit)--> writer tasks --> ClickHouse
-//!                                               |  dedup claim          | in flush order
-//!                                               v                       v
-//!                                        (Job: messages,         acker: mark stored, PUBACK,
-//!                                         new readings,          publish <prefix>/ack/<client>
-//!                                         statuses, dead letters)
+//! broker --poll task (never blocks)--> [queue] --> batcher --(permit)--> writer tasks --> ClickHouse
+//!                                                    |  dedup claim          | in flush order
+//!                                                    v                       v
+//!                                             (Job: messages,         acker: mark stored, PUBACK,
+//!                                              new readings,          publish <prefix>/ack/<client>
+//!                                              statuses, dead letters)
+//!
+//! roller (every rollup_interval_ms): rollup_queue markers --> readings_1m, off the insert path
 //! ```
 //!
 //! # Layout
 //! - [`config`]: the configuration (TOML file, `INGEST_*` variables, flags).
 //! - [`subscriber`]: MQTT options, topic layout, the event-loop poll task.
+//! - [`job`]: the unit passed from batcher to writer to acker.
 //! - [`batcher`]: decode, dedup claim, gather into jobs, flush rules.
-//! - [`writer`]: ClickHouse inserts with retry (retriable vs permanent errors).
+//! - [`store`]: the ClickHouse client, error classes, the retry policy.
+//! - [`writer`]: a job's inserts (readings, rollup markers, ranges).
 //! - [`acker`]: in-order completion: dedup update, PUBACK, ingest acks.
 //! - [`schema`]: DDL for ClickHouse 18.16 and current versions.
 //! - [`dedup`]: interval sets of stored `(client_id, epoch, seq)` ranges.
-//! - [`rollup`]: the exact 1-minute rollup, recomputed from deduplicated data.
+//! - [`rollup`]: the exact 1-minute rollup: markers, closing passes, live reads.
 //! - [`deadletter`]: rows for `ingest_errors`.
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/healthz`.
 //! - [`api`]: the JSON API under `/api/`; [`dashboard`]: the page at `/`.
@@ -34,9 +38,11 @@ pub mod dashboard;
 pub mod deadletter;
 pub mod dedup;
 pub mod http;
+pub mod job;
 pub mod metrics;
 pub mod rollup;
 pub mod schema;
+pub mod store;
 pub mod subscriber;
 pub mod writer;
 
@@ -58,7 +64,7 @@ pub enum RunError {
     Config(#[from] config::ConfigError),
     /// ClickHouse refused the schema or the stored ranges permanently.
     #[error("ClickHouse at start: {0}")]
-    Startup(#[from] writer::StoreError),
+    Startup(#[from] store::StoreError),
     /// The MQTT TLS files are unusable.
     #[error("MQTT TLS: {0}")]
     Tls(#[from] mqtt_secure::SecureError),
@@ -135,25 +141,25 @@ async fn serve(
     tracker: &TaskTracker,
 ) -> Result<(), RunError> {
     // Start-up retries stop at shutdown itself, not at its deadline.
-    let startup_stop = shutdown.clone();
-    let startup = writer::Writer::new(config, schema::Flavor::Legacy, metrics.clone(), startup_stop.clone());
+    let startup = store::Store::new(config, schema::Flavor::Legacy, metrics.clone(), shutdown.clone());
     let (version, flavor) = match startup.retry("version", || schema::detect(startup.client())).await {
-        Err(writer::StoreError::Stopped) => return Ok(()),
+        Err(store::StoreError::Stopped) => return Ok(()),
         other => other?,
     };
+    let startup = startup.with_flavor(flavor);
     let tables = startup.tables().clone();
     tracing::info!(%version, ?flavor, database = %tables.database, "ClickHouse detected");
     match startup.retry("schema", || schema::ensure(startup.client(), flavor, &tables, config.retention_days)).await {
-        Err(writer::StoreError::Stopped) => return Ok(()),
+        Err(store::StoreError::Stopped) => return Ok(()),
         other => other?,
     }
 
-    let writer = Arc::new(writer::Writer::new(config, flavor, metrics.clone(), hard_stop.clone()));
+    let writer = Arc::new(writer::Writer::new(startup.clone().with_stop(hard_stop.clone()), &config.mqtt_client_id));
     let mut dedup = dedup::DedupState::new();
     let loaded = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         loaded = writer.load_ranges() => match loaded {
-            Err(writer::StoreError::Stopped) => return Ok(()),
+            Err(store::StoreError::Stopped) => return Ok(()),
             other => other?,
         },
     };
@@ -174,35 +180,39 @@ async fn serve(
         tracker.spawn(http::serve(listener, metrics.clone(), api, hard_stop.clone()));
     }
 
+    // Markers are durable: the roller simply stops at shutdown, and the next
+    // pass (here after a restart, or on a peer) finds what it left.
+    let roller = rollup::Roller::new(
+        startup.clone().with_stop(shutdown.clone()),
+        &config.mqtt_client_id,
+        rollup::Timing {
+            interval: Duration::from_millis(config.rollup_interval_ms),
+            after_secs: config.rollup_after_secs,
+            orphan_secs: config.rollup_orphan_secs,
+        },
+    );
+    tracker.spawn(roller.run(shutdown.clone()));
+
     let topics = subscriber::Topics::new(&config.topic_prefix);
     let (client, eventloop) = subscriber::connect(config)?;
-    let (inbound_tx, inbound_rx) = mpsc::channel(config.channel_capacity);
+    let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    let generation = subscriber::Generation::default();
     let poll = tracker.spawn(subscriber::poll(
         eventloop,
-        client.clone(),
-        topics.filters(config.shared_group.as_deref()),
-        inbound_tx,
-        shutdown.clone(),
-        hard_stop.clone(),
-        metrics.clone(),
+        subscriber::PollContext {
+            client: client.clone(),
+            filters: topics.filters(config.shared_group.as_deref()),
+            tx: inbound_tx,
+            forward_stop: shutdown.clone(),
+            hard_stop: hard_stop.clone(),
+            metrics: metrics.clone(),
+            generation: generation.clone(),
+        },
     ));
 
-    let settle_tx = if config.rollup_settle_secs > 0 {
-        let (tx, rx) = mpsc::channel(1024);
-        tracker.spawn(rollup::settle(
-            writer.clone(),
-            rx,
-            Duration::from_secs(config.rollup_settle_secs),
-            shutdown.clone(),
-            metrics.clone(),
-        ));
-        Some(tx)
-    } else {
-        None
-    };
     let (inflight_tx, inflight_rx) = mpsc::channel(config.max_inflight_inserts);
     let acker =
-        acker::Acker { client: client.clone(), dedup: dedup.clone(), metrics: metrics.clone(), topics, settle_tx };
+        acker::Acker { client: client.clone(), dedup: dedup.clone(), metrics: metrics.clone(), topics, generation };
     let acker = tracker.spawn(acker.run(inflight_rx));
     let batcher = batcher::Batcher::new(config, dedup, metrics, writer, inflight_tx, hard_stop.clone());
     tracing::info!(client_id = %config.mqtt_client_id, prefix = %config.topic_prefix,

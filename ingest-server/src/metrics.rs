@@ -51,8 +51,22 @@ pub struct Metrics {
     pub dead_letters: Family<ReasonLabel, Counter>,
     /// Failed ClickHouse requests that were retried, by table.
     pub insert_retries: Family<TableLabel, Counter>,
-    /// Rollup recomputations that failed permanently (raw data unaffected).
+    /// Rollup passes or markers that failed permanently (raw data unaffected).
     pub rollup_errors: Counter,
+    /// Rollup passes run.
+    pub rollup_passes: Counter,
+    /// `(client, minute)` pairs folded into `readings_1m`.
+    pub rollup_minutes: Counter,
+    /// Age of the oldest marker the last pass found pending, seconds (0: none).
+    pub rollup_backlog_seconds: Gauge,
+    /// Insert tasks that failed (panicked); their claims were released.
+    pub insert_task_failures: Counter,
+    /// Stored messages not PUBACKed because their connection was gone.
+    pub stale_pubacks: Counter,
+    /// Reconnects where the broker had lost this server's session.
+    pub mqtt_sessions_lost: Counter,
+    /// Messages received from the broker, not yet taken by the batcher.
+    pub inbound_queue: Gauge,
     /// MQTT messages PUBACKed.
     pub acked_messages: Counter,
     /// Ingest acks published on `<prefix>/ack/<client_id>`.
@@ -61,7 +75,7 @@ pub struct Metrics {
     pub mqtt_connection_errors: Counter,
     /// Batches (inserts) completed.
     pub batches: Counter,
-    /// Time to insert one batch (readings, rollup, ranges), seconds.
+    /// Time to store one batch (readings, rollup markers, ranges), seconds.
     pub insert_duration: Histogram,
     /// New readings per flushed batch.
     pub batch_rows: Histogram,
@@ -99,6 +113,13 @@ impl Metrics {
             dead_letters: Family::default(),
             insert_retries: Family::default(),
             rollup_errors: Counter::default(),
+            rollup_passes: Counter::default(),
+            rollup_minutes: Counter::default(),
+            rollup_backlog_seconds: Gauge::default(),
+            insert_task_failures: Counter::default(),
+            stale_pubacks: Counter::default(),
+            mqtt_sessions_lost: Counter::default(),
+            inbound_queue: Gauge::default(),
             acked_messages: Counter::default(),
             acks_published: Counter::default(),
             mqtt_connection_errors: Counter::default(),
@@ -125,7 +146,30 @@ impl Metrics {
         );
         registry.register("dead_letters", "Messages written to ingest_errors, by reason", m.dead_letters.clone());
         registry.register("insert_retries", "ClickHouse requests retried, by table", m.insert_retries.clone());
-        registry.register("rollup_errors", "Rollup recomputations that failed permanently", m.rollup_errors.clone());
+        registry.register("rollup_errors", "Rollup passes or markers that failed permanently", m.rollup_errors.clone());
+        registry.register("rollup_passes", "Rollup passes run", m.rollup_passes.clone());
+        registry.register("rollup_minutes", "Client minutes folded into readings_1m", m.rollup_minutes.clone());
+        registry.register(
+            "rollup_backlog_seconds",
+            "Age of the oldest pending rollup marker at the last pass",
+            m.rollup_backlog_seconds.clone(),
+        );
+        registry.register(
+            "insert_task_failures",
+            "Insert tasks that failed; their claims were released",
+            m.insert_task_failures.clone(),
+        );
+        registry.register(
+            "stale_pubacks",
+            "Stored messages not PUBACKed because their connection was gone (redelivered, acked as duplicates)",
+            m.stale_pubacks.clone(),
+        );
+        registry.register(
+            "mqtt_sessions_lost",
+            "Reconnects that found no broker session",
+            m.mqtt_sessions_lost.clone(),
+        );
+        registry.register("inbound_queue", "Messages received, not yet taken by the batcher", m.inbound_queue.clone());
         registry.register("acked_messages", "MQTT messages PUBACKed after their insert", m.acked_messages.clone());
         registry.register("acks_published", "Ingest acks published to agents", m.acks_published.clone());
         registry.register("mqtt_connection_errors", "MQTT connection errors", m.mqtt_connection_errors.clone());
@@ -152,7 +196,7 @@ impl Metrics {
     /// Total insert retries over the main tables.
     #[must_use]
     pub fn insert_retries_total(&self) -> u64 {
-        ["readings", "readings_1m", "ingested_ranges", "ingest_errors", "agent_status"]
+        ["readings", "readings_1m", "rollup_queue", "ingested_ranges", "ingest_errors", "agent_status"]
             .iter()
             .map(|t| self.insert_retries.get_or_create(&TableLabel { table: (*t).to_owned() }).get())
             .sum()

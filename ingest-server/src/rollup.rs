@@ -1,38 +1,73 @@
-//! The 1-minute rollup `readings_1m` (count, sum, avg, min, max per client,
-//! sensor and minute), recomputed from deduplicated raw data.
+//! The exact 1-minute rollup `readings_1m`, kept off the insert path.
 //!
-//! # Why it stays exact
-//! After every readings insert, the writer recomputes *whole* minutes — every
-//! sensor of each `(client_id, minute)` the insert touched — from `readings`
-//! grouped by the reading identity `(client_id, sensor, ts)`, so a reading
-//! stored twice counts once. The rollup is a ReplacingMergeTree whose
-//! `version` is the recompute's start time in microseconds: the latest
-//! recompute of a minute wins, and it read every insert that finished before
-//! it started. With several ingest servers two recomputes of one minute may
-//! race (each started before the other's insert was visible, or clocks
-//! differ); the [`settle`] task recomputes touched minutes once more
-//! `rollup_settle_secs` later, when those inserts are long finished. Queries
-//! read the rollup with `FINAL`.
+//! # How a minute gets (and stays) exact
+//! 1. **Mark.** After a job's readings are inserted, and before its stored
+//!    ranges are recorded (so before anything is acked), the writer inserts
+//!    one *marker* per `(client_id, minute)` the job touched into
+//!    `rollup_queue`: `(client_id, minute, token, owner, marked_at,
+//!    pending = +1)`, `token` random per job. The queue is a
+//!    `SummingMergeTree` over `pending`, keyed by `(client_id, minute,
+//!    token)`. A crash between the readings and the marker leaves the
+//!    message unacked and its ranges unrecorded: the broker redelivers it,
+//!    it is inserted again (the raw table's identity collapses the copies)
+//!    and marked then. So every stored reading has a marker written after it.
+//! 2. **Close.** The [`Roller`] (one per ingest server) reads the pending
+//!    markers (`sum(pending) > 0`) of minutes that are *closed*: started at
+//!    least `rollup_after_secs` ago (or implausibly far in the future, a bad
+//!    device clock), written by this server or orphaned (unconsumed for
+//!    `rollup_orphan_secs`, e.g. by a server that is gone). It recomputes
+//!    those minutes, all sensors, from the deduplicated raw rows (`GROUP BY
+//!    client_id, sensor, ts`) in a few bulk statements, then inserts
+//!    `pending = -observed` for exactly the markers it read. A marker is read
+//!    only after its readings were inserted, so the recompute saw them; a
+//!    marker written after the read keeps its minute pending for the next
+//!    pass. Two servers consuming the same marker drive its sum below zero,
+//!    which still reads as "done" (tokens are never reused).
+//! 3. **Version without clocks.** `readings_1m` is a
+//!    `ReplacingMergeTree(version)` with `version = count`: the raw table
+//!    only gains identities, so a recompute that saw more readings of a
+//!    minute counts more, and two recomputes with the same count saw the
+//!    same identities and agree. The most complete row wins on merge and
+//!    under `FINAL`, whichever server wrote it and whatever its clock says.
+//! 4. **Open minutes at query time.** A minute with pending markers (still
+//!    open, or late readings not yet folded in) is answered from raw rows;
+//!    every other minute from `readings_1m` ([`live_series_sql`], and the
+//!    `readings_1m_live` view for Grafana). Late readings hours old simply
+//!    re-mark their minute, which is recomputed at the next pass.
+//!
+//! Cost: each minute is recomputed about once after it closes (plus once
+//! per late arrival), reading its raw rows once: per reading, independent
+//! of the number of clients and of rows per minute. Wall clocks decide only
+//! *when* a minute is folded in, never *what* it holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clickhouse::Client;
-use tokio::sync::mpsc;
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::batcher::Job;
+use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::schema::{Flavor, Tables};
+use crate::store::{Store, StoreError};
 
-const MINUTE_US: i64 = 60_000_000;
-/// Most `(client, minute run)` conditions in one recompute statement.
-const MAX_TERMS: usize = 200;
+/// One minute in microseconds.
+pub const MINUTE_US: i64 = 60_000_000;
+/// Minutes this far ahead of the server's clock are closed at once: no
+/// honest device writes there, and waiting would keep them pending for years.
+const FUTURE_CLOSE_SECS: i64 = 3600;
+/// Most clients bound into one recompute statement.
+const MAX_CLIENTS_PER_STATEMENT: usize = 1000;
+/// Longest run of minutes in one recompute statement (a day: at most two
+/// monthly partitions of `readings_1m` per insert).
+const MAX_RUN_MINUTES: i64 = 1440;
 
-/// The `(client_id, minute start µs)` pairs some inserts touched.
+/// The `(client_id, minute start in Unix seconds)` pairs a job's new
+/// readings fall in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Touched(BTreeSet<(String, i64)>);
+pub struct Touched(BTreeSet<(String, u32)>);
 
 impl Touched {
     /// The minutes of the new readings in `job`.
@@ -41,21 +76,23 @@ impl Touched {
         let mut set = BTreeSet::new();
         for part in &job.parts {
             let mut minutes = BTreeSet::new();
-            for &(lo, hi) in &part.fresh {
-                for seq in lo..=hi {
-                    // Invariant: fresh ranges lie within the batch (see Batch::decode).
-                    let ts = part.batch.readings[(seq - part.batch.first_seq) as usize].ts;
-                    minutes.insert(ts.div_euclid(MINUTE_US) * MINUTE_US);
-                }
+            for (_, reading) in part.fresh_readings() {
+                minutes.insert(minute_of(reading.ts));
             }
             set.extend(minutes.into_iter().map(|m| (part.batch.client_id.clone(), m)));
         }
         Self(set)
     }
 
-    /// Adds another set.
-    pub fn extend(&mut self, other: Touched) {
-        self.0.extend(other.0);
+    /// The pairs, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &(String, u32)> {
+        self.0.iter()
+    }
+
+    /// Number of pairs.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
     /// Whether nothing was touched.
@@ -63,149 +100,491 @@ impl Touched {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
 
-    /// Runs of consecutive minutes per client: `(client_id, from µs, to µs exclusive)`.
-    #[must_use]
-    pub fn runs(&self) -> Vec<(String, i64, i64)> {
-        let mut out: Vec<(String, i64, i64)> = Vec::new();
-        for (client, minute) in &self.0 {
-            match out.last_mut() {
-                Some((c, _, to)) if c == client && *to == *minute => *to = minute + MINUTE_US,
-                _ => out.push((client.clone(), *minute, minute + MINUTE_US)),
-            }
+/// The minute of a reading time (µs) as Unix seconds. Readings are between
+/// 2000 and 2100 (checked at decode), well inside `u32`.
+#[must_use]
+pub fn minute_of(ts_us: i64) -> u32 {
+    let seconds = ts_us.div_euclid(MINUTE_US) * 60;
+    u32::try_from(seconds.clamp(0, i64::from(u32::MAX))).unwrap_or(0)
+}
+
+/// A `rollup_queue` row: a marker (`pending = +1`) or its consumption
+/// (`pending = -observed`).
+#[derive(Debug, Clone, Row, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueRow {
+    /// The device.
+    pub client_id: String,
+    /// Start of the minute, Unix seconds.
+    pub minute: u32,
+    /// Random per marking job: consumption cancels exactly this marker.
+    pub token: u64,
+    /// The server that wrote the marker (its MQTT client id).
+    pub owner: String,
+    /// When it was written, by the owner's clock (only decides adoption).
+    pub marked_at: u32,
+    /// +1 per marker; minus what a pass observed when it consumes.
+    pub pending: i64,
+}
+
+/// Marker rows for `touched`, owned by `owner`.
+#[must_use]
+pub fn markers(touched: &Touched, owner: &str, token: u64, now_s: u32) -> Vec<QueueRow> {
+    touched
+        .iter()
+        .map(|(client_id, minute)| QueueRow {
+            client_id: client_id.clone(),
+            minute: *minute,
+            token,
+            owner: owner.to_owned(),
+            marked_at: now_s,
+            pending: 1,
+        })
+        .collect()
+}
+
+/// The subquery of pending `(client_id, minute)` pairs (each marker whose
+/// sum is positive), restricted by `filter` (SQL over the queue's columns).
+#[must_use]
+pub fn pending_pairs_sql(tables: &Tables, filter: &str) -> String {
+    format!(
+        "SELECT client_id, minute FROM {q} WHERE {filter} GROUP BY client_id, minute, token HAVING sum(pending) > 0",
+        q = tables.rollup_queue
+    )
+}
+
+/// The pass's read: pending markers of closed minutes that this server
+/// owns or that are orphaned. Binds: owner, orphaned-before (s), closed
+/// before (s), closed from (s), limit.
+#[must_use]
+pub fn pending_markers_sql(tables: &Tables) -> String {
+    format!(
+        "SELECT client_id, toUInt32(minute) AS m, token, any(owner) AS o, toUInt32(any(marked_at)) AS at,
+       sum(pending) AS p
+FROM {q}
+WHERE (owner = ? OR marked_at < toDateTime(?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
+GROUP BY client_id, minute, token
+HAVING p > 0
+ORDER BY minute
+LIMIT ?",
+        q = tables.rollup_queue
+    )
+}
+
+/// A raw-time window `[from, to)` in µs over `ts`, with partition pruning
+/// on 18.16 (partitioned by the materialized `dt`). Four binds (Legacy) or
+/// two (Current): see [`bind_window`].
+fn window_sql(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Legacy => {
+            "ts >= toInt64(?) AND ts < toInt64(?) \
+             AND dt >= toDateTime(intDiv(toInt64(?), 1000000)) AND dt < toDateTime(intDiv(toInt64(?), 1000000) + 1)"
         }
-        out
+        Flavor::Current => {
+            "ts >= fromUnixTimestamp64Micro(toInt64(?), 'UTC') AND ts < fromUnixTimestamp64Micro(toInt64(?), 'UTC')"
+        }
     }
 }
 
-/// The rollup's version for a recompute starting now: Unix microseconds.
-#[must_use]
-pub fn version_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+fn bind_window(query: clickhouse::query::Query, flavor: Flavor, from_us: i64, to_us: i64) -> clickhouse::query::Query {
+    match flavor {
+        Flavor::Legacy => query.bind(from_us).bind(to_us).bind(from_us).bind(to_us),
+        Flavor::Current => query.bind(from_us).bind(to_us),
+    }
 }
 
-/// The recompute statement for `terms` runs (one `?` for the version, then
-/// three per run: client, from, to).
+/// The recompute of every sensor of `clients` clients over a run of whole
+/// minutes. Binds: each client id, then the window (see [`window_sql`]).
 #[must_use]
-pub fn recompute_sql(tables: &Tables, flavor: Flavor, terms: usize) -> String {
-    let ts = flavor.ts_param();
-    let cond = format!("(client_id = ? AND ts >= {ts} AND ts < {ts})");
-    let filter = vec![cond; terms].join(" OR ");
+pub fn recompute_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String {
+    let list = vec!["?"; clients].join(", ");
     format!(
         "INSERT INTO {rollup} (client_id, sensor, minute, count, sum, avg, min, max, version)
 SELECT client_id, sensor, {minute} AS m, count() AS c, sum(value) AS s, avg(value) AS a, min(value) AS mn,
-       max(value) AS mx, toUInt64(?) AS v
+       max(value) AS mx, toUInt64(count()) AS v
 FROM (
     SELECT client_id, sensor, ts, any(value) AS value
     FROM {readings}
-    WHERE {filter}
+    WHERE client_id IN ({list}) AND {window}
     GROUP BY client_id, sensor, ts
 )
 GROUP BY client_id, sensor, m",
         rollup = tables.readings_1m,
         readings = tables.readings,
         minute = flavor.minute_of_ts(),
+        window = window_sql(flavor),
     )
 }
 
-/// Recomputes every touched minute.
-///
-/// # Errors
-/// The first failing statement.
-pub async fn recompute(
-    client: &Client,
-    tables: &Tables,
-    flavor: Flavor,
-    touched: &Touched,
-    version: u64,
-) -> Result<(), clickhouse::error::Error> {
-    for chunk in touched.runs().chunks(MAX_TERMS) {
-        let sql = recompute_sql(tables, flavor, chunk.len());
-        // The version placeholder comes first in the text (SELECT before WHERE).
-        let mut query = client.query(&sql).bind(version);
-        for (client_id, from, to) in chunk {
-            query = query.bind(client_id.as_str()).bind(*from).bind(*to);
-        }
-        query.execute().await?;
-    }
-    Ok(())
+/// One recompute statement's work: these clients over `[from, to)` minutes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// The devices (sorted, at most [`MAX_CLIENTS_PER_STATEMENT`]).
+    pub clients: Vec<String>,
+    /// First minute, Unix seconds.
+    pub from: u32,
+    /// End (exclusive), Unix seconds.
+    pub to: u32,
 }
 
-/// Recomputes touched minutes a second time, `settle` after they were
-/// touched (between one and two periods later), until `stop`.
-pub async fn settle(
-    writer: Arc<crate::writer::Writer>,
-    mut rx: mpsc::Receiver<Touched>,
-    period: Duration,
-    stop: CancellationToken,
-    metrics: Arc<Metrics>,
-) {
-    let mut collecting = Touched::default();
-    let mut waiting = Touched::default();
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            touched = rx.recv() => match touched {
-                Some(t) => collecting.extend(t),
-                None => return,
-            },
-            _ = tick.tick() => {
-                if !waiting.is_empty() {
-                    let version = version_now();
-                    let result = writer
-                        .retry("readings_1m", || {
-                            recompute(writer.client(), writer.tables(), writer.flavor(), &waiting, version)
-                        })
-                        .await;
-                    if let Err(error) = result {
-                        metrics.rollup_errors.inc();
-                        tracing::warn!(%error, "second rollup pass failed");
-                    }
+/// Groups pending `(client, minute)` pairs into recompute statements:
+/// consecutive minutes with the same set of clients form one run (a
+/// replayed backlog of one device becomes one statement per day), each
+/// statement reads only its own minutes. The runs cover every pair
+/// exactly, and nothing else.
+#[must_use]
+pub fn plan(pairs: impl IntoIterator<Item = (String, u32)>) -> Vec<Run> {
+    let mut by_minute: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for (client, minute) in pairs {
+        by_minute.entry(minute).or_default().insert(client);
+    }
+    let mut runs: Vec<(BTreeSet<String>, u32, u32)> = Vec::new();
+    for (minute, clients) in by_minute {
+        match runs.last_mut() {
+            Some((set, from, to))
+                if *to == minute && *set == clients && i64::from(*to - *from) < MAX_RUN_MINUTES * 60 =>
+            {
+                *to = minute + 60;
+            }
+            _ => runs.push((clients, minute, minute + 60)),
+        }
+    }
+    let mut out = Vec::new();
+    for (clients, from, to) in runs {
+        let clients: Vec<String> = clients.into_iter().collect();
+        for chunk in clients.chunks(MAX_CLIENTS_PER_STATEMENT) {
+            out.push(Run { clients: chunk.to_vec(), from, to });
+        }
+    }
+    out
+}
+
+/// The live rollup of one client: `readings_1m` for folded-in minutes, raw
+/// rows for the minutes in `pending` (those are excluded from the rollup
+/// side, so no minute is counted twice). Binds, in order: see
+/// [`bind_live_series`].
+#[must_use]
+pub fn live_series_sql(tables: &Tables, flavor: Flavor, sensor: bool, pending: usize) -> String {
+    let s = if sensor { " AND sensor = ?" } else { "" };
+    let minutes = if pending == 0 { "toDateTime(0)".to_owned() } else { vec!["toDateTime(?)"; pending].join(", ") };
+    format!(
+        "SELECT sensor, toUInt32(minute) AS m, count, avg, min, max FROM (
+    SELECT sensor, minute, count, avg, min, max FROM {rollup} FINAL
+    WHERE client_id = ?{s} AND minute >= toDateTime(?) AND minute NOT IN ({minutes})
+    UNION ALL
+    SELECT sensor, {minute} AS minute, count() AS count, avg(value) AS avg, min(value) AS min, max(value) AS max
+    FROM (
+        SELECT sensor, ts, any(value) AS value FROM {readings}
+        WHERE client_id = ?{s} AND {window}
+        GROUP BY sensor, ts
+    )
+    GROUP BY sensor, minute
+    HAVING minute IN ({minutes})
+) ORDER BY sensor, m LIMIT ?",
+        rollup = tables.readings_1m,
+        readings = tables.readings,
+        minute = flavor.minute_of_ts(),
+        window = window_sql(flavor),
+    )
+}
+
+/// Binds [`live_series_sql`]: `pending` minutes (Unix seconds, those at or
+/// after `from_s`), then the limit.
+pub fn bind_live_series(
+    mut query: clickhouse::query::Query,
+    flavor: Flavor,
+    client_id: &str,
+    sensor: Option<&str>,
+    from_s: i64,
+    pending: &[u32],
+    limit: u32,
+) -> clickhouse::query::Query {
+    query = query.bind(client_id);
+    if let Some(sensor) = sensor {
+        query = query.bind(sensor);
+    }
+    query = query.bind(from_s);
+    for m in pending {
+        query = query.bind(*m);
+    }
+    query = query.bind(client_id);
+    if let Some(sensor) = sensor {
+        query = query.bind(sensor);
+    }
+    let (lo, hi) = match (pending.iter().min(), pending.iter().max()) {
+        (Some(lo), Some(hi)) => (i64::from(*lo) * 1_000_000, (i64::from(*hi) + 60) * 1_000_000),
+        _ => (0, 0), // empty window: the raw side reads nothing
+    };
+    query = bind_window(query, flavor, lo, hi);
+    for m in pending {
+        query = query.bind(*m);
+    }
+    query.bind(limit)
+}
+
+/// The `readings_1m_live` view: every minute of every client, exact, for
+/// Grafana and ad-hoc SQL. The two sides read the pending set in separate
+/// subqueries; a minute marked during the query can show its previous
+/// rollup, or be counted from both sides for that one query (the API,
+/// which reads the pending set once, has no such window).
+#[must_use]
+pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
+    let pending = pending_pairs_sql(tables, "1");
+    let oldest = match flavor {
+        Flavor::Legacy => format!("ts >= (SELECT toInt64(min(toUInt32(minute))) * 1000000 FROM ({pending}))"),
+        Flavor::Current => {
+            format!("ts >= (SELECT toDateTime64(min(minute), 6, 'UTC') FROM ({pending}))")
+        }
+    };
+    format!(
+        "CREATE VIEW IF NOT EXISTS {view} AS
+SELECT client_id, sensor, minute, count, sum, avg, min, max FROM {rollup} FINAL
+WHERE (client_id, minute) NOT IN ({pending})
+UNION ALL
+SELECT client_id, sensor, {minute} AS minute, count() AS count, sum(value) AS sum, avg(value) AS avg,
+       min(value) AS min, max(value) AS max
+FROM (
+    SELECT client_id, sensor, ts, any(value) AS value FROM {readings}
+    WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
+    GROUP BY client_id, sensor, ts
+)
+GROUP BY client_id, sensor, minute
+HAVING (client_id, minute) IN ({pending})",
+        view = tables.readings_1m_live,
+        rollup = tables.readings_1m,
+        readings = tables.readings,
+        minute = flavor.minute_of_ts(),
+    )
+}
+
+/// Timing of the rollup passes.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Time between passes.
+    pub interval: Duration,
+    /// A minute is folded in once this many seconds passed since its start.
+    pub after_secs: u64,
+    /// Other servers' markers are adopted once this old.
+    pub orphan_secs: u64,
+}
+
+/// Folds closed minutes into `readings_1m`, one pass per interval.
+#[derive(Debug)]
+pub struct Roller {
+    store: Store,
+    owner: String,
+    timing: Timing,
+    batch: u32,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Markers consumed.
+    pub markers: usize,
+    /// `(client, minute)` pairs recomputed.
+    pub minutes: usize,
+    /// Recompute statements run.
+    pub statements: usize,
+}
+
+impl Roller {
+    /// A roller writing through `store`, consuming markers of `owner`.
+    #[must_use]
+    pub fn new(store: Store, owner: &str, timing: Timing) -> Self {
+        Self { store, owner: owner.to_owned(), timing, batch: 100_000 }
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        self.store.metrics()
+    }
+
+    /// Runs passes until `stop`. Markers are durable: whatever a stop
+    /// interrupts is found again by the next pass, here or on a peer.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.timing.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.pass(now_s()).await {
+                Ok(report) if report.markers > 0 => {
+                    tracing::debug!(
+                        markers = report.markers,
+                        minutes = report.minutes,
+                        statements = report.statements,
+                        "rollup pass"
+                    );
                 }
-                waiting = std::mem::take(&mut collecting);
+                Ok(_) => {}
+                Err(StoreError::Stopped) => return,
+                Err(StoreError::Permanent(error)) => {
+                    self.metrics().rollup_errors.inc();
+                    tracing::error!(%error, "rollup pass failed permanently; its minutes stay pending (answered from raw rows) and are retried next pass");
+                }
             }
         }
     }
+
+    /// One pass at server time `now_s`: read pending closed markers, recompute
+    /// their minutes, consume the markers. Repeats while a full batch was read.
+    ///
+    /// # Errors
+    /// A permanent ClickHouse error, or the stop token while retrying.
+    pub async fn pass(&self, now_s: i64) -> Result<PassReport, StoreError> {
+        let mut total = PassReport::default();
+        loop {
+            let report = self.pass_once(now_s).await?;
+            total.markers += report.markers;
+            total.minutes += report.minutes;
+            total.statements += report.statements;
+            if report.markers < self.batch as usize {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn pass_once(&self, now_s: i64) -> Result<PassReport, StoreError> {
+        let (client, tables, flavor) = (self.store.client(), self.store.tables(), self.store.flavor());
+        let sql = pending_markers_sql(tables);
+        let closed_before = now_s - i64::try_from(self.timing.after_secs).unwrap_or(i64::MAX / 2);
+        let orphaned_before = now_s - i64::try_from(self.timing.orphan_secs).unwrap_or(i64::MAX / 2);
+        let markers: Vec<QueueRow> = self
+            .store
+            .retry("rollup_queue", || {
+                client
+                    .query(&sql)
+                    .bind(self.owner.as_str())
+                    .bind(orphaned_before.max(0))
+                    .bind(closed_before.max(0))
+                    .bind(now_s + FUTURE_CLOSE_SECS)
+                    .bind(self.batch)
+                    .fetch_all::<QueueRow>()
+            })
+            .await?;
+        let m = self.metrics();
+        m.rollup_passes.inc();
+        if markers.is_empty() {
+            m.rollup_backlog_seconds.set(0);
+            return Ok(PassReport::default());
+        }
+        let oldest = markers.iter().map(|r| i64::from(r.marked_at)).min().unwrap_or(now_s);
+        m.rollup_backlog_seconds.set((now_s - oldest).max(0));
+        let pairs: BTreeSet<(String, u32)> = markers.iter().map(|r| (r.client_id.clone(), r.minute)).collect();
+        let runs = plan(pairs.iter().cloned());
+        for run in &runs {
+            let sql = recompute_sql(tables, flavor, run.clients.len());
+            let (from_us, to_us) = (i64::from(run.from) * 1_000_000, i64::from(run.to) * 1_000_000);
+            self.store
+                .retry("readings_1m", || {
+                    let mut query = client.query(&sql);
+                    for c in &run.clients {
+                        query = query.bind(c.as_str());
+                    }
+                    bind_window(query, flavor, from_us, to_us).execute()
+                })
+                .await?;
+        }
+        // Only now: every marker read was covered by a recompute that ran after it.
+        self.store
+            .retry("rollup_queue", || async {
+                let mut insert = client.insert_unescaped::<QueueRow>(&tables.rollup_queue).await?;
+                for r in &markers {
+                    insert.write(&QueueRow { pending: -r.pending, ..r.clone() }).await?;
+                }
+                insert.end().await
+            })
+            .await?;
+        m.rollup_minutes.inc_by(pairs.len() as u64);
+        Ok(PassReport { markers: markers.len(), minutes: pairs.len(), statements: runs.len() })
+    }
 }
 
-/// Groups runs per client (used in tests and docs).
+/// The server's clock, Unix seconds.
 #[must_use]
-pub fn runs_by_client(touched: &Touched) -> BTreeMap<String, Vec<(i64, i64)>> {
-    let mut out: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
-    for (c, a, b) in touched.runs() {
-        out.entry(c).or_default().push((a, b));
-    }
-    out
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn consecutive_minutes_of_a_client_form_one_run() {
-        let m = MINUTE_US;
-        let t = Touched(
-            [("a".to_owned(), 0), ("a".to_owned(), m), ("a".to_owned(), 3 * m), ("b".to_owned(), m)]
-                .into_iter()
-                .collect(),
-        );
-        let runs = runs_by_client(&t);
-        assert_eq!(runs["a"], vec![(0, 2 * m), (3 * m, 4 * m)]);
-        assert_eq!(runs["b"], vec![(m, 2 * m)]);
+    fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+        list.iter().map(|(c, m)| ((*c).to_owned(), *m)).collect()
+    }
+
+    fn covered(runs: &[Run]) -> BTreeSet<(String, u32)> {
+        let mut out = BTreeSet::new();
+        for r in runs {
+            for c in &r.clients {
+                for m in (r.from..r.to).step_by(60) {
+                    out.insert((c.clone(), m));
+                }
+            }
+        }
+        out
     }
 
     #[test]
-    fn the_statement_has_one_placeholder_per_bind() {
-        let sql = recompute_sql(&Tables::new("db"), Flavor::Legacy, 3);
-        assert_eq!(sql.matches('?').count(), 1 + 3 * 3);
-        let sql = recompute_sql(&Tables::new("db"), Flavor::Current, 2);
-        assert_eq!(sql.matches('?').count(), 1 + 2 * 3);
-        assert!(sql.contains("fromUnixTimestamp64Micro"));
+    fn one_closed_minute_of_many_clients_is_one_statement() {
+        let many: Vec<(String, u32)> = (0..500).map(|i| (format!("c{i}"), 600)).collect();
+        let runs = plan(many.clone());
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].from, runs[0].to), (600, 660));
+        assert_eq!(covered(&runs), many.into_iter().collect());
+    }
+
+    #[test]
+    fn a_replayed_backlog_of_one_client_is_one_run_per_day() {
+        let backlog: Vec<(String, u32)> = (0..3000).map(|i| ("late".to_owned(), 60 * i)).collect();
+        let runs = plan(backlog.clone());
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert!(runs.iter().all(|r| i64::from(r.to - r.from) <= MAX_RUN_MINUTES * 60));
+        assert_eq!(covered(&runs), backlog.into_iter().collect());
+    }
+
+    #[test]
+    fn runs_cover_exactly_the_pending_pairs_and_nothing_else() {
+        let p = pairs(&[("a", 0), ("a", 60), ("b", 60), ("a", 120), ("b", 600), ("c", 600)]);
+        let runs = plan(p.clone());
+        assert_eq!(covered(&runs), p.into_iter().collect());
+    }
+
+    #[test]
+    fn many_clients_are_split_into_bounded_statements() {
+        let many: Vec<(String, u32)> = (0..2500).map(|i| (format!("c{i:05}"), 60)).collect();
+        let runs = plan(many.clone());
+        assert_eq!(runs.len(), 3);
+        assert!(runs.iter().all(|r| r.clients.len() <= MAX_CLIENTS_PER_STATEMENT));
+        assert_eq!(covered(&runs), many.into_iter().collect());
+    }
+
+    #[test]
+    fn minutes_are_floored_including_before_a_minute_boundary() {
+        assert_eq!(minute_of(0), 0);
+        assert_eq!(minute_of(59_999_999), 0);
+        assert_eq!(minute_of(60_000_000), 60);
+        assert_eq!(minute_of(1_700_000_123_456_789), 1_700_000_100);
+    }
+
+    #[test]
+    fn statements_have_one_placeholder_per_bind() {
+        let t = Tables::new("db");
+        assert_eq!(recompute_sql(&t, Flavor::Legacy, 3).matches('?').count(), 3 + 4);
+        assert_eq!(recompute_sql(&t, Flavor::Current, 2).matches('?').count(), 2 + 2);
+        // client, sensor, from, 2 pending; client, sensor, window, 2 pending; limit
+        assert_eq!(
+            live_series_sql(&t, Flavor::Legacy, true, 2).matches('?').count(),
+            1 + 1 + 1 + 2 + 1 + 1 + 4 + 2 + 1
+        );
+        assert_eq!(live_series_sql(&t, Flavor::Current, false, 0).matches('?').count(), 1 + 1 + 1 + 2 + 1);
+        assert_eq!(pending_markers_sql(&t).matches('?').count(), 5);
     }
 }

@@ -71,6 +71,10 @@ pub struct Tables {
     pub ingest_errors: String,
     /// `<db>.agent_status`
     pub agent_status: String,
+    /// `<db>.rollup_queue`: minutes whose rollup is pending (see [`crate::rollup`]).
+    pub rollup_queue: String,
+    /// `<db>.readings_1m_live`: the view of the exact rollup including open minutes.
+    pub readings_1m_live: String,
 }
 
 impl Tables {
@@ -85,6 +89,8 @@ impl Tables {
             ingested_ranges: q("ingested_ranges"),
             ingest_errors: q("ingest_errors"),
             agent_status: q("agent_status"),
+            rollup_queue: q("rollup_queue"),
+            readings_1m_live: q("readings_1m_live"),
         }
     }
 }
@@ -165,6 +171,18 @@ ORDER BY received_at",
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
                 t = tables.agent_status
+            ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    minute DateTime,
+    token UInt64,
+    owner String,
+    marked_at DateTime,
+    pending Int64
+) ENGINE = SummingMergeTree(pending)
+ORDER BY (client_id, minute, token)",
+                t = tables.rollup_queue
             ));
         }
         Flavor::Current => {
@@ -247,8 +265,21 @@ ORDER BY received_at{ttl}",
 ORDER BY client_id",
                 t = tables.agent_status
             ));
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+    client_id String,
+    minute DateTime('UTC'),
+    token UInt64,
+    owner LowCardinality(String),
+    marked_at DateTime('UTC'),
+    pending Int64
+) ENGINE = SummingMergeTree(pending)
+ORDER BY (client_id, minute, token)",
+                t = tables.rollup_queue
+            ));
         }
     }
+    out.push(crate::rollup::live_view_sql(tables, flavor));
     out
 }
 

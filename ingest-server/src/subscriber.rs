@@ -2,10 +2,21 @@
 //! polls rumqttc's event loop.
 //!
 //! # Invariants
-//! - The poll task only moves events into a bounded channel; it never awaits
+//! - The poll task never waits on anything but the network: it moves events
+//!   into the batcher's queue without blocking, and never awaits
 //!   `publish()`/`ack()` (those go through rumqttc's request channel, which
-//!   only this task drains). When the channel is full the task stops polling:
-//!   that is the back-pressure that stops pulling from the broker.
+//!   only this task drains). rumqttc sends PINGREQ only from `poll()`; a
+//!   task that stopped polling while ClickHouse is slow would be dropped by
+//!   the broker's keep-alive and get its whole unacked backlog redelivered.
+//!   Inflow is bounded by the broker's in-flight limit for this client
+//!   (`max_inflight_messages`), not by starving the event loop.
+//! - Every message carries the generation of the connection that delivered
+//!   it ([`Generation`]); a PUBACK is sent only while that connection is
+//!   the current one (packet ids belong to a connection). Messages of a
+//!   lost connection are redelivered by the broker on the next one.
+//! - A reconnect that finds no session (`session_present = false`) after
+//!   one existed is logged as a warning and counted: the broker forgot this
+//!   server's subscriptions and queued messages.
 //! - The request channel's capacity ([`request_capacity`]) exceeds every
 //!   PUBACK and ingest ack that can be outstanding at once, so the tasks
 //!   that ack never wait on a poll task that waits on them.
@@ -16,26 +27,62 @@
 //!   broker) but drops new publishes unacked: the broker redelivers them to
 //!   this persistent session later.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::job::Message;
 use crate::metrics::Metrics;
 
 /// What the poll task hands to the batcher.
 #[derive(Debug)]
 pub enum Inbound {
     /// A message to store and then ack.
-    Publish(Publish),
+    Publish(Message),
     /// A (re)connection was accepted.
     Connected {
         /// Whether the broker still had this client's session.
         session_present: bool,
+        /// The new connection's generation.
+        generation: u64,
     },
+}
+
+/// The generation of the current MQTT connection: 0 before the first
+/// ConnAck, +1 at every ConnAck, shared by the poll task and the acker.
+#[derive(Debug, Clone, Default)]
+pub struct Generation(Arc<AtomicU64>);
+
+impl Generation {
+    /// The current connection's generation.
+    #[must_use]
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Whether a message delivered on `generation` may be PUBACKed now.
+    #[must_use]
+    pub fn is_current(&self, generation: u64) -> bool {
+        generation == self.current()
+    }
+
+    /// A new connection; returns its generation.
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The connection is gone: from now on no message of it may be
+    /// PUBACKed (the bump makes every delivered generation stale; the next
+    /// ConnAck bumps again).
+    pub fn lost(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The topic layout under one prefix.
@@ -107,11 +154,12 @@ pub const MQTT_MAX_PACKET_BYTES: usize = 268_435_455 + 5;
 
 /// Capacity of rumqttc's request channel: room for every PUBACK and ingest
 /// ack that can be outstanding (twice the messages the batcher can hold in
-/// pending and in-flight batches), plus the subscriptions.
+/// pending and in-flight batches), plus the subscriptions. The poll task
+/// drains it whenever it polls, which it never stops doing.
 #[must_use]
 pub fn request_capacity(config: &Config) -> usize {
     let held = config.batch_max_messages.saturating_mul(config.max_inflight_inserts.saturating_add(2));
-    held.saturating_mul(2).saturating_add(config.channel_capacity).saturating_add(64)
+    held.saturating_mul(2).saturating_add(64)
 }
 
 /// The client and event loop, configured for manual acks and a persistent
@@ -147,18 +195,32 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
     Ok((client, eventloop))
 }
 
+/// Everything the poll task needs besides the event loop.
+#[derive(Debug)]
+pub struct PollContext {
+    /// The client (for subscribing after each ConnAck).
+    pub client: AsyncClient,
+    /// The subscriptions.
+    pub filters: Vec<(String, QoS)>,
+    /// The batcher's queue (never blocks: see the module docs).
+    pub tx: mpsc::UnboundedSender<Inbound>,
+    /// Stop forwarding new publishes (the drain at shutdown).
+    pub forward_stop: CancellationToken,
+    /// Stop polling.
+    pub hard_stop: CancellationToken,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The connection generation, shared with the acker.
+    pub generation: Generation,
+}
+
 /// Polls the event loop until `hard_stop`, or until the client's
 /// DISCONNECT has been written. Forwards publishes and connection events to
 /// `tx` until `forward_stop`; reconnects with exponential backoff.
-pub async fn poll(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<(String, QoS)>,
-    tx: mpsc::Sender<Inbound>,
-    forward_stop: CancellationToken,
-    hard_stop: CancellationToken,
-    metrics: std::sync::Arc<Metrics>,
-) {
+pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
+    let PollContext { client, filters, tx, forward_stop, hard_stop, metrics, generation } = ctx;
+    let mut ever_connected = false;
+    let mut connected_generation = 0;
     let backoff = || {
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -178,21 +240,30 @@ pub async fn poll(
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 if forward_stop.is_cancelled() {
+                    // Dropped unacked: the broker redelivers it to this persistent session later.
                     tracing::debug!(topic = %publish.topic, "shutting down: message left for redelivery");
                     continue;
                 }
-                tokio::select! {
-                    biased;
-                    () = hard_stop.cancelled() => return,
-                    // Dropped unacked when forwarding stops: redelivered later.
-                    () = forward_stop.cancelled() => {}
-                    sent = tx.send(Inbound::Publish(publish)) => if sent.is_err() { return },
+                metrics.inbound_queue.inc();
+                if tx.send(Inbound::Publish(Message { publish, generation: connected_generation })).is_err() {
+                    return;
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 delays = backoff();
                 errors_in_a_row = 0;
-                tracing::info!(session_present = ack.session_present, code = ?ack.code, "connected to MQTT broker");
+                connected_generation = generation.next();
+                tracing::info!(session_present = ack.session_present, code = ?ack.code,
+                    generation = connected_generation, "connected to MQTT broker");
+                if ever_connected && !ack.session_present {
+                    metrics.mqtt_sessions_lost.inc();
+                    tracing::warn!(
+                        "the broker had no session for this server: subscriptions and queued messages \
+                        of the old session are gone (session expired, broker restarted without persistence, or \
+                        another client took this id)"
+                    );
+                }
+                ever_connected = true;
                 // Subscribing again is harmless with a present session and
                 // needed without one. try_: the request channel has room
                 // (see request_capacity), and this task must not wait on it.
@@ -202,7 +273,10 @@ pub async fn poll(
                     tracing::error!(%error, "cannot queue MQTT subscribe");
                 }
                 if !forward_stop.is_cancelled() {
-                    let _ = tx.try_send(Inbound::Connected { session_present: ack.session_present });
+                    let _ = tx.send(Inbound::Connected {
+                        session_present: ack.session_present,
+                        generation: connected_generation,
+                    });
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -219,6 +293,7 @@ pub async fn poll(
             }
             Ok(_) => {}
             Err(error) => {
+                generation.lost();
                 metrics.mqtt_connection_errors.inc();
                 metrics.subscribed.set(0);
                 errors_in_a_row += 1;

@@ -6,6 +6,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::{batch, batches, range, Agent, Server, World};
+use telemetry_wire::{Batch, Reading};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_stores_each_reading_once_and_acks_exact_ranges() {
@@ -289,6 +290,61 @@ async fn readings_inserted_before_a_crash_are_not_counted_twice() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_readings_reopen_their_folded_minute_and_land_in_it() {
+    // Minutes are folded into readings_1m once; readings that arrive later
+    // (an agent replaying an old backlog) re-mark their minute, which is
+    // answered from raw rows until the next pass folds it in again.
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+    agent.publish(&batches("dev-late", 5, 1, 1200, 200)).await;
+    agent.flushed().await;
+    world.wait_stored(1200, Duration::from_secs(30)).await;
+    world.assert_rollup_exact().await;
+    let passes = server.metrics.rollup_passes.get();
+    let folded = server.metrics.rollup_minutes.get();
+    assert!(folded >= 2, "1200 readings 100 ms apart span 3 minutes: {folded} folded");
+
+    // The same minutes again, 50 ms later each: new identities, old minutes.
+    let readings: Vec<Reading> = (1..=1200u64)
+        .map(|s| Reading::new(format!("s{}", s % 3), harness::BASE_TS + s as i64 * 100_000 + 50_000, -(s as f64)))
+        .collect();
+    let late = Batch { client_id: "dev-late".into(), epoch: 6, first_seq: 1, last_seq: 1200, readings };
+    agent.publish(&[late]).await;
+    agent.flushed().await;
+    world.wait_stored(2400, Duration::from_secs(30)).await;
+    world.assert_rollup_exact().await;
+    assert!(server.metrics.rollup_passes.get() > passes);
+    assert!(server.metrics.rollup_minutes.get() >= folded + 3, "the three old minutes were folded in again");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_minutes_are_answered_from_raw_rows_until_a_pass_folds_them() {
+    // A server that never folds (rollup_after_secs far beyond any minute):
+    // the live view is exact while readings_1m is still empty; a second
+    // server that folds at once adopts the first one's markers only once
+    // they are orphaned, and then readings_1m is exact too.
+    let Some(world) = World::new() else { return };
+    let holding = ingest_server::Config { rollup_after_secs: 1 << 40, ..world.config() };
+    let server = Server::start(holding).await;
+    let agent = Agent::connect(&world).await;
+    agent.publish(&batches("dev-open", 1, 1, 900, 300)).await;
+    agent.flushed().await;
+    harness::wait_for("inserted", Duration::from_secs(30), || server.metrics.inserted_readings.get() == 900).await;
+    assert!(world.pending_markers().await > 0);
+    assert_eq!(world.rollup_count().await, 0, "nothing folded in yet");
+    assert_eq!(world.count("SELECT toUInt64(sum(count)) FROM DB.readings_1m_live").await, 900);
+    server.stop().await;
+
+    let adopter = ingest_server::Config { rollup_orphan_secs: 0, ..world.config() };
+    let adopter = Server::start(adopter).await;
+    world.assert_rollup_exact().await;
+    assert_eq!(world.rollup_count().await, 900);
+    adopter.stop().await;
+}
+
 /// Replaces each `?` in `sql` with the next literal.
 fn substitute(sql: &str, literals: &[String]) -> String {
     let mut out = String::new();
@@ -345,22 +401,59 @@ fn current_clickhouse_schema_runs_in_chdb() {
          VALUES ('a', {base}, 1, 2, 0.5, 1.0, 1.0, 1, now())",
         tables.agent_status
     ));
-    // The rollup statement exactly as the writer sends it, for two minute runs.
+    // The rollup as the server runs it: markers for the two minutes, the
+    // live view before any pass (raw rows answer pending minutes), the pass's
+    // read, the recompute, the consumption, then the rollup and the view.
     let minute = 60_000_000;
     let first = base.div_euclid(minute) * minute;
-    let literals: Vec<String> = [
-        "1".to_owned(),
-        "'a'".to_owned(),
-        first.to_string(),
-        (first + minute).to_string(),
-        "'a'".to_owned(),
-        (first + 2 * minute).to_string(),
-        (first + 3 * minute).to_string(),
-    ]
-    .into();
-    statements.push(substitute(&ingest_server::rollup::recompute_sql(&tables, Flavor::Current, 2), &literals));
+    let first_s = first / 1_000_000;
+    for m in [first_s, first_s + 120] {
+        statements.push(format!(
+            "INSERT INTO {} (client_id, minute, token, owner, marked_at, pending) VALUES ('a', {m}, 7, 'srv', now(), 1)",
+            tables.rollup_queue
+        ));
+    }
+    let live =
+        format!("SELECT count, avg, min, max FROM {} WHERE client_id = 'a' ORDER BY minute", tables.readings_1m_live);
+    let want = "2\t2\t1\t3\n1\t8\t8\t8\n";
+    let mut before = statements.clone();
+    before.push(live.clone());
+    assert_eq!(run_chdb(&before), want, "live view from raw rows (nothing folded in yet)");
+    let lit = |v: i64| v.to_string();
+    let mut read = statements.clone();
+    read.push(substitute(
+        &ingest_server::rollup::pending_markers_sql(&tables),
+        &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(100)],
+    ));
+    let pending: Vec<(String, String)> = run_chdb(&read)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[..4].join(" "), f[5].to_owned())
+        })
+        .collect();
+    let want_pending = |m: i64| (format!("a {m} 7 srv"), "1".to_owned());
+    assert_eq!(pending, vec![want_pending(first_s), want_pending(first_s + 120)], "pending markers");
+    statements.push(substitute(
+        &ingest_server::rollup::recompute_sql(&tables, Flavor::Current, 1),
+        &["'a'".to_owned(), lit(first), lit(first + 3 * minute)],
+    ));
+    for m in [first_s, first_s + 120] {
+        statements.push(format!(
+            "INSERT INTO {} (client_id, minute, token, owner, marked_at, pending) VALUES ('a', {m}, 7, 'srv', now(), -1)",
+            tables.rollup_queue
+        ));
+    }
     statements.push(format!("SELECT client_id, epoch, first_seq, last_seq FROM {}", tables.ingested_ranges));
-    statements.push(format!("SELECT count, avg, min, max FROM {} FINAL ORDER BY minute", tables.readings_1m));
+    let mut view = statements.clone();
+    view.push(live);
+    assert_eq!(run_chdb(&view), want, "live view after the pass");
+    statements.push(format!("SELECT count, avg, min, max, version FROM {} FINAL ORDER BY minute", tables.readings_1m));
+    assert_eq!(run_chdb(&statements), "2\t2\t1\t3\t2\n1\t8\t8\t8\t1\n", "rollup on current ClickHouse");
+}
+
+/// Runs `statements` in chdb; the last one's TSV output.
+fn run_chdb(statements: &[String]) -> String {
     let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("statements.json");
@@ -371,9 +464,7 @@ fn current_clickhouse_schema_runs_in_chdb() {
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chdb run failed: {stderr}");
-    eprintln!("{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout, "2\t2\t1\t3\n1\t8\t8\t8\n", "rollup on current ClickHouse");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Not a timed test: prints throughput. Run with

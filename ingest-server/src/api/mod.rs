@@ -108,7 +108,7 @@ impl Api {
     /// An API over the tables of `config` in `flavor`, reporting `metrics`.
     #[must_use]
     pub fn new(config: &Config, flavor: Flavor, metrics: Arc<Metrics>) -> Self {
-        let client = crate::writer::client(config)
+        let client = crate::store::client(config)
             .with_setting("readonly", "2")
             .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string());
         Self { client, tables: Tables::new(&config.clickhouse_database), flavor, metrics, started: Instant::now() }
@@ -316,13 +316,19 @@ impl Api {
         let now = now_us();
         // `minutes` whole minutes, the current (partial) one included.
         let from_s = now.div_euclid(60_000_000) * 60 - (i64::from(minutes) - 1) * 60;
+        // The pending set is read once and bound into both sides of the
+        // series, so no minute is counted from both the rollup and raw rows.
+        let pending =
+            self.fetch::<u32>(queries::pending_minutes(&self.client, &self.tables, &client_id, from_s)).await?;
         let rows = self
             .fetch::<queries::MinuteRow>(queries::series(
                 &self.client,
                 &self.tables,
+                self.flavor,
                 &client_id,
                 sensor.as_deref(),
                 from_s,
+                &pending,
             ))
             .await?;
         let truncated = rows.len() >= MAX_SERIES_ROWS as usize;

@@ -144,19 +144,30 @@ pub struct MinuteRow {
     pub max: f64,
 }
 
-/// The rollup of `client_id` (one sensor or all) from `from_s` on.
-pub fn series(client: &Client, tables: &Tables, client_id: &str, sensor: Option<&str>, from_s: i64) -> Query {
+/// The minutes of `client_id` from `from_s` on whose rollup is pending
+/// (open, or late readings not folded in yet): answered from raw rows.
+pub fn pending_minutes(client: &Client, tables: &Tables, client_id: &str, from_s: i64) -> Query {
     let sql = format!(
-        "SELECT sensor, toUInt32(minute) AS m, count, avg, min, max FROM {t} FINAL
-WHERE client_id = ?{s} AND minute >= toDateTime(?) ORDER BY sensor, m LIMIT ?",
-        t = tables.readings_1m,
-        s = if sensor.is_some() { " AND sensor = ?" } else { "" },
+        "SELECT DISTINCT toUInt32(minute) FROM ({pending}) ORDER BY 1",
+        pending = crate::rollup::pending_pairs_sql(tables, "client_id = ? AND minute >= toDateTime(?)")
     );
-    let mut query = client.query(&sql).bind(client_id);
-    if let Some(sensor) = sensor {
-        query = query.bind(sensor);
-    }
-    query.bind(from_s).bind(MAX_SERIES_ROWS)
+    client.query(&sql).bind(client_id).bind(from_s)
+}
+
+/// The exact 1-minute series of `client_id` (one sensor or all) from
+/// `from_s` on: folded-in minutes from the rollup, `pending` ones from raw
+/// rows (see [`crate::rollup::live_series_sql`]).
+pub fn series(
+    client: &Client,
+    tables: &Tables,
+    flavor: Flavor,
+    client_id: &str,
+    sensor: Option<&str>,
+    from_s: i64,
+    pending: &[u32],
+) -> Query {
+    let sql = crate::rollup::live_series_sql(tables, flavor, sensor.is_some(), pending.len());
+    crate::rollup::bind_live_series(client.query(&sql), flavor, client_id, sensor, from_s, pending, MAX_SERIES_ROWS)
 }
 
 /// Rolling averages of one sensor.
@@ -286,9 +297,9 @@ mod tests {
     fn hostile_values_are_escaped_literals_not_sql() {
         let c = Client::default();
         let t = Tables::new("db");
-        let q = series(&c, &t, "dev", Some("' OR 1=1 --"), 0);
+        let q = series(&c, &t, Flavor::Legacy, "dev", Some("' OR 1=1 --"), 0, &[]);
         assert!(text(&q).contains(r"sensor = '\' OR 1=1 --'"), "{}", text(&q));
-        let q = series(&c, &t, "dev", Some("a?b`c\\"), 0);
+        let q = series(&c, &t, Flavor::Legacy, "dev", Some("a?b`c\\"), 0, &[60]);
         assert!(text(&q).contains(r"sensor = 'a?b\`c\\' AND minute"), "{}", text(&q));
     }
 
@@ -301,8 +312,9 @@ mod tests {
                 rollup_clients(&c, &t, 1_700_000_000, 10),
                 recent_clients(&c, &t, flavor, 1),
                 statuses(&c, &t, 10),
-                series(&c, &t, "a", None, 5),
-                series(&c, &t, "a", Some("s"), 5),
+                series(&c, &t, flavor, "a", None, 5, &[]),
+                series(&c, &t, flavor, "a", Some("s"), 5, &[60, 120]),
+                pending_minutes(&c, &t, "a", 5),
                 averages(&c, &t, flavor, "a", None, 1_700_000_000_000_000),
                 averages(&c, &t, flavor, "a", Some("s"), 1_700_000_000_000_000),
                 recent_errors(&c, &t, None, 5),

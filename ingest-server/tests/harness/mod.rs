@@ -63,7 +63,10 @@ impl World {
             retry_min_ms: 100,
             retry_max_ms: 1000,
             insert_timeout_secs: 10,
-            rollup_settle_secs: 2,
+            // Fold every minute at every pass: the tests judge the
+            // materialised rollup, not only the live view.
+            rollup_after_secs: 0,
+            rollup_interval_ms: 200,
             shutdown_timeout_secs: 10,
             ..Config::default()
         }
@@ -112,10 +115,29 @@ impl World {
         }
     }
 
-    /// Checks that the rollup equals aggregates computed from deduplicated raw data.
+    /// Rollup markers not yet consumed.
+    pub async fn pending_markers(&self) -> u64 {
+        self.count(
+            "SELECT count() FROM (SELECT client_id FROM DB.rollup_queue GROUP BY client_id, minute, token HAVING sum(pending) > 0)",
+        )
+        .await
+    }
+
+    /// Checks that the live view equals aggregates computed from
+    /// deduplicated raw data (at once), then that the materialised rollup
+    /// does once the rollup passes consumed every marker.
     pub async fn assert_rollup_exact(&self) {
+        self.assert_rollup_table_exact("DB.readings_1m_live").await;
+        wait_for_async("rollup markers consumed", Duration::from_secs(30), || async {
+            self.pending_markers().await == 0
+        })
+        .await;
+        self.assert_rollup_table_exact("DB.readings_1m FINAL").await;
+    }
+
+    async fn assert_rollup_table_exact(&self, table: &str) {
         let sql = "SELECT count() FROM (
-            SELECT client_id, sensor, minute, count, sum, min, max FROM DB.readings_1m FINAL
+            SELECT client_id, sensor, minute, count, sum, min, max FROM TABLE
         ) r
         FULL OUTER JOIN (
             SELECT client_id, sensor, minute, toUInt64(count()) AS c, sum(value) AS s, min(value) AS mn, max(value) AS mx
@@ -124,8 +146,9 @@ impl World {
                   FROM DB.readings GROUP BY client_id, sensor, ts)
             GROUP BY client_id, sensor, minute
         ) x USING (client_id, sensor, minute)
-        WHERE count != c OR abs(sum - s) > 1e-6 OR min != mn OR max != mx";
-        assert_eq!(self.count(sql).await, 0, "rollup differs from the deduplicated raw data");
+        WHERE count != c OR abs(sum - s) > 1e-6 OR min != mn OR max != mx"
+            .replace("TABLE", table);
+        assert_eq!(self.count(&sql).await, 0, "{table} differs from the deduplicated raw data");
     }
 }
 
@@ -169,6 +192,19 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bo
     while !cond() {
         assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the async `cond` holds, polling every 100 ms.
+pub async fn wait_for_async<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -344,7 +380,8 @@ impl Binary {
             // Through the environment, to exercise that path too.
             .env("INGEST_CLICKHOUSE_DATABASE", &config.clickhouse_database)
             .env("INGEST_BATCH_MAX_DELAY_MS", config.batch_max_delay_ms.to_string())
-            .env("INGEST_ROLLUP_SETTLE_SECS", config.rollup_settle_secs.to_string())
+            .env("INGEST_ROLLUP_AFTER_SECS", config.rollup_after_secs.to_string())
+            .env("INGEST_ROLLUP_INTERVAL_MS", config.rollup_interval_ms.to_string())
             .env("INGEST_RETRY_MAX_MS", config.retry_max_ms.to_string());
         if std::env::var_os("INGEST_TEST_LOG").is_some() {
             cmd.env("RUST_LOG", "info");
