@@ -186,8 +186,12 @@ settings! {
     batch_max_bytes: usize = 256 << 10, env "EDGE_AGENT_BATCH_MAX_BYTES";
     /// Wait up to this many milliseconds for a partial batch to fill (0: publish at once).
     batch_linger_ms: u64 = 20, env "EDGE_AGENT_BATCH_LINGER_MS";
-    /// Batches published but not yet confirmed, at most.
-    window: usize = 16, env "EDGE_AGENT_WINDOW";
+    /// Batches published but not yet confirmed, at most. With `confirm =
+    /// "ingest"` a confirmation takes an ingest round trip (the server's batch
+    /// timer, about 1 s, plus its insert): an agent confirms at most
+    /// `window * batch_max_readings` readings per round trip, 128,000 with
+    /// the defaults.
+    window: usize = 64, env "EDGE_AGENT_WINDOW";
     /// What confirms a batch: its echo on our own topic, or the ingest ack.
     confirm: ConfirmMode = ConfirmMode::Echo, env "EDGE_AGENT_CONFIRM", arg(value_enum);
     /// Publish a batch again when unconfirmed after this many milliseconds.

@@ -50,7 +50,7 @@ pub struct Acker {
 impl Acker {
     /// Completes in-flight jobs until the channel closes.
     pub async fn run(self, mut rx: mpsc::Receiver<InFlight>) {
-        while let Some((handle, claims, permit)) = rx.recv().await {
+        while let Some((handle, claims)) = rx.recv().await {
             let outcome = match handle.await {
                 Ok(outcome) => outcome,
                 Err(error) => {
@@ -64,7 +64,6 @@ impl Acker {
                     for (client_id, epoch, lo, hi) in claims {
                         dedup.release(&client_id, epoch, lo, hi);
                     }
-                    drop(permit);
                     continue;
                 }
             };
@@ -76,7 +75,6 @@ impl Acker {
                     self.metrics.unacked_messages.dec();
                 }
                 self.release(&job);
-                drop(permit);
                 continue;
             }
             let acks = {
@@ -133,7 +131,6 @@ impl Acker {
             }
             self.metrics.batches.inc();
             tracing::debug!(messages = job.messages.len(), rows = job.rows, stored = outcome.stored, "batch acked");
-            drop(permit);
         }
     }
 

@@ -10,8 +10,11 @@
 //! message, or at shutdown.
 //!
 //! # Bounded memory, without starving the MQTT connection
-//! At most `max_inflight_inserts` jobs are being stored at once (a
-//! semaphore). When all permits are taken the batcher waits and its inbound
+//! At most `max_inflight_inserts` readings INSERTs run at once (a
+//! semaphore; a job gives its permit back once its readings are in, while
+//! its small marker and range inserts finish), and at most
+//! `max_inflight_inserts` more jobs wait for the acker (its channel). When
+//! both are full the batcher waits and its inbound
 //! queue grows; the MQTT poll task never waits on it (it must keep polling
 //! to answer the broker's keep-alive). What bounds the queue is the
 //! broker's in-flight limit for this client (`max_inflight_messages` in
@@ -131,8 +134,8 @@ impl Batcher {
         self.metrics.inflight_inserts.inc();
         tracing::debug!(messages = job.messages.len(), rows = job.rows, dead = job.dead.len(), "flushing batch");
         let claims = job.claims();
-        let handle = tokio::spawn(self.writer.clone().store(job));
-        if self.inflight_tx.send((handle, claims, permit)).await.is_err() {
+        let handle = tokio::spawn(self.writer.clone().store(job, permit));
+        if self.inflight_tx.send((handle, claims)).await.is_err() {
             tracing::error!("acker is gone; batch will not be acked (redelivered later)");
         }
     }

@@ -7,7 +7,6 @@
 
 use rumqttc::Publish;
 use telemetry_wire::{AgentStatus, Batch, SeqRange};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -109,5 +108,6 @@ impl Job {
     }
 }
 
-/// A job being stored, its claims, and the permit it holds.
-pub type InFlight = (JoinHandle<Outcome>, Vec<Claim>, OwnedSemaphorePermit);
+/// A job being stored and its claims. The acker's channel holds at most
+/// `max_inflight_inserts` of these, which bounds the jobs in memory.
+pub type InFlight = (JoinHandle<Outcome>, Vec<Claim>);

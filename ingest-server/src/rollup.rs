@@ -16,8 +16,11 @@
 //!    least `rollup_after_secs` ago (or implausibly far in the future, a bad
 //!    device clock), written by this server or orphaned (unconsumed for
 //!    `rollup_orphan_secs`, e.g. by a server that is gone). It recomputes
-//!    those minutes, all sensors, from the deduplicated raw rows (`GROUP BY
-//!    client_id, sensor, ts`) in a few bulk statements, then inserts
+//!    those minutes, all sensors, from the deduplicated raw rows (`FINAL`:
+//!    the raw table is a `ReplacingMergeTree` ordered by the reading
+//!    identity, so `FINAL` is a merge of sorted streams, about half the cost
+//!    of a hash `GROUP BY client_id, sensor, ts` measured on 18.16) in a few
+//!    bulk statements, then inserts
 //!    `pending = -observed` for exactly the markers it read. A marker is read
 //!    only after its readings were inserted, so the recompute saw them; a
 //!    marker written after the read keeps its minute pending for the next
@@ -203,12 +206,8 @@ pub fn recompute_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String 
         "INSERT INTO {rollup} (client_id, sensor, minute, count, sum, avg, min, max, version)
 SELECT client_id, sensor, {minute} AS m, count() AS c, sum(value) AS s, avg(value) AS a, min(value) AS mn,
        max(value) AS mx, toUInt64(count()) AS v
-FROM (
-    SELECT client_id, sensor, ts, any(value) AS value
-    FROM {readings}
-    WHERE client_id IN ({list}) AND {window}
-    GROUP BY client_id, sensor, ts
-)
+FROM {readings} FINAL
+WHERE client_id IN ({list}) AND {window}
 GROUP BY client_id, sensor, m",
         rollup = tables.readings_1m,
         readings = tables.readings,
@@ -274,11 +273,8 @@ pub fn live_series_sql(tables: &Tables, flavor: Flavor, sensor: bool, pending: u
     WHERE client_id = ?{s} AND minute >= toDateTime(?) AND minute NOT IN ({minutes})
     UNION ALL
     SELECT sensor, {minute} AS minute, count() AS count, avg(value) AS avg, min(value) AS min, max(value) AS max
-    FROM (
-        SELECT sensor, ts, any(value) AS value FROM {readings}
-        WHERE client_id = ?{s} AND {window}
-        GROUP BY sensor, ts
-    )
+    FROM {readings} FINAL
+    WHERE client_id = ?{s} AND {window}
     GROUP BY sensor, minute
     HAVING minute IN ({minutes})
 ) ORDER BY sensor, m LIMIT ?",
@@ -344,11 +340,8 @@ WHERE (client_id, minute) NOT IN ({pending})
 UNION ALL
 SELECT client_id, sensor, {minute} AS minute, count() AS count, sum(value) AS sum, avg(value) AS avg,
        min(value) AS min, max(value) AS max
-FROM (
-    SELECT client_id, sensor, ts, any(value) AS value FROM {readings}
-    WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
-    GROUP BY client_id, sensor, ts
-)
+FROM {readings} FINAL
+WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
 GROUP BY client_id, sensor, minute
 HAVING (client_id, minute) IN ({pending})",
         view = tables.readings_1m_live,

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::deadletter::{unix_seconds, DeadLetter, DeadLetterRow};
 use crate::job::{Job, Outcome};
@@ -194,7 +195,10 @@ impl Writer {
     }
 
     /// Stores everything in `job`; see the module docs for the order.
-    pub async fn store(self: Arc<Self>, mut job: Job) -> Outcome {
+    /// `permit` (a slot of `max_inflight_inserts`) is released as soon as the
+    /// readings are in: the next job's readings INSERT overlaps this job's
+    /// small marker and range inserts.
+    pub async fn store(self: Arc<Self>, mut job: Job, permit: OwnedSemaphorePermit) -> Outcome {
         let started = Instant::now();
         let abandoned = |job| Outcome { job, stored: false, abandoned: true };
         if self.store_dead_letters(&job.dead).await.is_err() {
@@ -238,6 +242,7 @@ impl Writer {
             }
             Err(StoreError::Stopped) => return abandoned(job),
         }
+        drop(permit);
         self.store.metrics().inserted_readings.inc_by(job.rows as u64);
         let markers = rollup::markers(&Touched::of(&job), &self.owner, fastrand::u64(..), unix_seconds());
         match self.store.retry("rollup_queue", || self.insert_markers_once(&markers)).await {
