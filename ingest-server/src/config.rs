@@ -301,6 +301,11 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "INGEST_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Print the DDL the server would run for this ClickHouse flavour
+    /// (`legacy`: before 20.3, e.g. 18.16; `current`) in the configured
+    /// database, then exit: for a DBA who creates the tables by hand.
+    #[arg(long, value_name = "FLAVOR", value_parser = ["legacy", "current"])]
+    pub print_schema: Option<String>,
     #[command(flatten)]
     pub overrides: Overrides,
 }

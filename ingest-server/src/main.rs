@@ -23,7 +23,20 @@ async fn main() -> anyhow::Result<()> {
     // rustls' ring provider as the process default (rumqttc is built without one).
     mqtt_secure::install_crypto_provider();
     init_logging(&cli.log_format)?;
+    let print_schema = cli.print_schema.clone();
     let config = cli.load().context("loading configuration")?;
+    if let Some(flavor) = print_schema {
+        let flavor = if flavor == "current" {
+            ingest_server::schema::Flavor::Current
+        } else {
+            ingest_server::schema::Flavor::Legacy
+        };
+        let tables = ingest_server::schema::Tables::new(&config.clickhouse_database);
+        for statement in ingest_server::schema::ddl(flavor, &tables, config.retention_days) {
+            println!("{statement};\n");
+        }
+        return Ok(());
+    }
     tracing::info!(?config, "starting");
 
     let shutdown = CancellationToken::new();
