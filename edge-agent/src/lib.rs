@@ -6,7 +6,7 @@
 //! `<prefix>/client/<client_id>`; a row is deleted only when its batch's echo
 //! (or, with `confirm = "ingest"`, the ingest server's ack) names its seq; and
 //! after every reconnect the whole outbox is replayed, oldest first. See
-//! `DESIGN.md` for the durability rules this implements.
+//! `docs/design.md` for the durability rules this implements.
 //!
 //! # Layout
 //! - [`config`]: the TOML file / environment / flags.

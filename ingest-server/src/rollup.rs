@@ -4,8 +4,8 @@
 //! 1. **Mark.** After a job's readings are inserted, and before its stored
 //!    ranges are recorded (so before anything is acked), the writer inserts
 //!    one *marker* per `(client_id, minute)` the job touched into
-//!    `rollup_queue`: `(client_id, minute, token, owner, marked_at,
-//!    pending = +1)`, `token` random per job. The queue is a
+//!    `rollup_queue`: `(client_id, minute, token, owner, pending = +1)`,
+//!    `token` random per job, `marked_at` stamped by ClickHouse. The queue is a
 //!    `SummingMergeTree` over `pending`, keyed by `(client_id, minute,
 //!    token)`. A crash between the readings and the marker leaves the
 //!    message unacked and its ranges unrecorded: the broker redelivers it,
@@ -15,7 +15,8 @@
 //!    markers (`sum(pending) > 0`) of minutes that are *closed*: started at
 //!    least `rollup_after_secs` ago (or implausibly far in the future, a bad
 //!    device clock), written by this server or orphaned (unconsumed for
-//!    `rollup_orphan_secs`, e.g. by a server that is gone). It recomputes
+//!    `rollup_orphan_secs` by ClickHouse's clock, e.g. written by a server
+//!    that is gone). It recomputes
 //!    those minutes, all sensors, from the deduplicated raw rows (`FINAL`:
 //!    the raw table is a `ReplacingMergeTree` ordered by the reading
 //!    identity, so `FINAL` is a merge of sorted streams, about half the cost
@@ -40,8 +41,10 @@
 //!
 //! Cost: each minute is recomputed about once after it closes (plus once
 //! per late arrival), reading its raw rows once: per reading, independent
-//! of the number of clients and of rows per minute. Wall clocks decide only
-//! *when* a minute is folded in, never *what* it holds.
+//! of the number of clients and of rows per minute. The server's clock
+//! decides only *when* a minute is folded in, never *what* it holds; the
+//! adoption of another server's markers compares ClickHouse's clock with
+//! itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -113,8 +116,8 @@ pub fn minute_of(ts_us: i64) -> u32 {
     u32::try_from(seconds.clamp(0, i64::from(u32::MAX))).unwrap_or(0)
 }
 
-/// A `rollup_queue` row: a marker (`pending = +1`) or its consumption
-/// (`pending = -observed`).
+/// A `rollup_queue` row as a pass reads it, and as it writes the
+/// consumption back (`pending = -observed`, everything else copied).
 #[derive(Debug, Clone, Row, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueRow {
     /// The device.
@@ -125,23 +128,39 @@ pub struct QueueRow {
     pub token: u64,
     /// The server that wrote the marker (its MQTT client id).
     pub owner: String,
-    /// When it was written, by the owner's clock (only decides adoption).
+    /// When the marker was written, by ClickHouse's clock (the column's
+    /// `DEFAULT now()`): only decides adoption by other servers, which
+    /// compare it with the same clock, never with their own.
     pub marked_at: u32,
     /// +1 per marker; minus what a pass observed when it consumes.
     pub pending: i64,
 }
 
+/// A marker as the writer inserts it (`marked_at` is left to ClickHouse).
+#[derive(Debug, Clone, Row, Serialize, PartialEq, Eq)]
+pub struct MarkerRow {
+    /// The device.
+    pub client_id: String,
+    /// Start of the minute, Unix seconds.
+    pub minute: u32,
+    /// Random per marking job.
+    pub token: u64,
+    /// The server that wrote it.
+    pub owner: String,
+    /// Always +1.
+    pub pending: i64,
+}
+
 /// Marker rows for `touched`, owned by `owner`.
 #[must_use]
-pub fn markers(touched: &Touched, owner: &str, token: u64, now_s: u32) -> Vec<QueueRow> {
+pub fn markers(touched: &Touched, owner: &str, token: u64) -> Vec<MarkerRow> {
     touched
         .iter()
-        .map(|(client_id, minute)| QueueRow {
+        .map(|(client_id, minute)| MarkerRow {
             client_id: client_id.clone(),
             minute: *minute,
             token,
             owner: owner.to_owned(),
-            marked_at: now_s,
             pending: 1,
         })
         .collect()
@@ -158,15 +177,16 @@ pub fn pending_pairs_sql(tables: &Tables, filter: &str) -> String {
 }
 
 /// The pass's read: pending markers of closed minutes that this server
-/// owns or that are orphaned. Binds: owner, orphaned-before (s), closed
-/// before (s), closed from (s), limit.
+/// owns or that are orphaned (by ClickHouse's clock, the one that stamped
+/// them). Binds: owner, orphan age (s), closed before (s), closed from (s),
+/// limit.
 #[must_use]
 pub fn pending_markers_sql(tables: &Tables) -> String {
     format!(
         "SELECT client_id, toUInt32(minute) AS m, token, any(owner) AS o, toUInt32(any(marked_at)) AS at,
        sum(pending) AS p
 FROM {q}
-WHERE (owner = ? OR marked_at < toDateTime(?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
+WHERE (owner = ? OR marked_at < subtractSeconds(now(), ?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
 GROUP BY client_id, minute, token
 HAVING p > 0
 ORDER BY minute
@@ -444,14 +464,13 @@ impl Roller {
         let (client, tables, flavor) = (self.store.client(), self.store.tables(), self.store.flavor());
         let sql = pending_markers_sql(tables);
         let closed_before = now_s - i64::try_from(self.timing.after_secs).unwrap_or(i64::MAX / 2);
-        let orphaned_before = now_s - i64::try_from(self.timing.orphan_secs).unwrap_or(i64::MAX / 2);
         let markers: Vec<QueueRow> = self
             .store
             .retry("rollup_queue", || {
                 client
                     .query(&sql)
                     .bind(self.owner.as_str())
-                    .bind(orphaned_before.max(0))
+                    .bind(self.timing.orphan_secs)
                     .bind(closed_before.max(0))
                     .bind(now_s + FUTURE_CLOSE_SECS)
                     .bind(self.batch)
@@ -464,6 +483,7 @@ impl Roller {
             m.rollup_backlog_seconds.set(0);
             return Ok(PassReport::default());
         }
+        // Approximate (ClickHouse's clock against this server's): for alerting only.
         let oldest = markers.iter().map(|r| i64::from(r.marked_at)).min().unwrap_or(now_s);
         m.rollup_backlog_seconds.set((now_s - oldest).max(0));
         let pairs: BTreeSet<(String, u32)> = markers.iter().map(|r| (r.client_id.clone(), r.minute)).collect();

@@ -178,10 +178,10 @@ ORDER BY client_id",
     minute DateTime,
     token UInt64,
     owner String,
-    marked_at DateTime,
+    marked_at DateTime DEFAULT now(),
     pending Int64
 ) ENGINE = SummingMergeTree(pending)
-ORDER BY (client_id, minute, token)",
+ORDER BY (minute, client_id, token)",
                 t = tables.rollup_queue
             ));
         }
@@ -271,10 +271,10 @@ ORDER BY client_id",
     minute DateTime('UTC'),
     token UInt64,
     owner LowCardinality(String),
-    marked_at DateTime('UTC'),
+    marked_at DateTime('UTC') DEFAULT now(),
     pending Int64
 ) ENGINE = SummingMergeTree(pending)
-ORDER BY (client_id, minute, token)",
+ORDER BY (minute, client_id, token)",
                 t = tables.rollup_queue
             ));
         }

@@ -26,7 +26,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::deadletter::{unix_seconds, DeadLetter, DeadLetterRow};
 use crate::job::{Job, Outcome};
 use crate::metrics::reason;
-use crate::rollup::{self, QueueRow, Touched};
+use crate::rollup::{self, MarkerRow, Touched};
 use crate::store::{Store, StoreError};
 
 /// The `readings` row; `ts` is Int64 µs (legacy) or DateTime64(6) (current),
@@ -113,8 +113,8 @@ impl Writer {
         insert.end().await
     }
 
-    async fn insert_markers_once(&self, markers: &[QueueRow]) -> Result<(), clickhouse::error::Error> {
-        let mut insert = self.store.client().insert_unescaped::<QueueRow>(&self.store.tables().rollup_queue).await?;
+    async fn insert_markers_once(&self, markers: &[MarkerRow]) -> Result<(), clickhouse::error::Error> {
+        let mut insert = self.store.client().insert_unescaped::<MarkerRow>(&self.store.tables().rollup_queue).await?;
         for m in markers {
             insert.write(m).await?;
         }
@@ -244,7 +244,7 @@ impl Writer {
         }
         drop(permit);
         self.store.metrics().inserted_readings.inc_by(job.rows as u64);
-        let markers = rollup::markers(&Touched::of(&job), &self.owner, fastrand::u64(..), unix_seconds());
+        let markers = rollup::markers(&Touched::of(&job), &self.owner, fastrand::u64(..));
         match self.store.retry("rollup_queue", || self.insert_markers_once(&markers)).await {
             Ok(()) => {}
             Err(StoreError::Permanent(error)) => {
