@@ -154,7 +154,12 @@ async fn serve(
         other => other?,
     }
 
-    let writer = Arc::new(writer::Writer::new(startup.clone().with_stop(hard_stop.clone()), &config.mqtt_client_id));
+    let ledger = Arc::new(Mutex::new(rollup::MarkLedger::new(config.rollup_orphan_secs)));
+    let writer = Arc::new(writer::Writer::new(
+        startup.clone().with_stop(hard_stop.clone()),
+        &config.mqtt_client_id,
+        ledger.clone(),
+    ));
     let mut dedup = dedup::DedupState::new();
     let loaded = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
@@ -190,6 +195,7 @@ async fn serve(
             after_secs: config.rollup_after_secs,
             orphan_secs: config.rollup_orphan_secs,
         },
+        ledger,
     );
     tracker.spawn(roller.run(shutdown.clone()));
 

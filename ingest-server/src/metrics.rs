@@ -55,6 +55,10 @@ pub struct Metrics {
     pub rollup_errors: Counter,
     /// Rollup passes run.
     pub rollup_passes: Counter,
+    /// Rollup markers written.
+    pub rollup_markers: Counter,
+    /// Rollup markers not needed: an unread marker of this server covered the minute.
+    pub rollup_markers_spared: Counter,
     /// `(client, minute)` pairs folded into `readings_1m`.
     pub rollup_minutes: Counter,
     /// Age of the oldest marker the last pass found pending, seconds (0: none).
@@ -114,6 +118,8 @@ impl Metrics {
             insert_retries: Family::default(),
             rollup_errors: Counter::default(),
             rollup_passes: Counter::default(),
+            rollup_markers: Counter::default(),
+            rollup_markers_spared: Counter::default(),
             rollup_minutes: Counter::default(),
             rollup_backlog_seconds: Gauge::default(),
             insert_task_failures: Counter::default(),
@@ -148,6 +154,12 @@ impl Metrics {
         registry.register("insert_retries", "ClickHouse requests retried, by table", m.insert_retries.clone());
         registry.register("rollup_errors", "Rollup passes or markers that failed permanently", m.rollup_errors.clone());
         registry.register("rollup_passes", "Rollup passes run", m.rollup_passes.clone());
+        registry.register("rollup_markers", "Rollup markers written", m.rollup_markers.clone());
+        registry.register(
+            "rollup_markers_spared",
+            "Rollup markers not written because an unread marker already covered the minute",
+            m.rollup_markers_spared.clone(),
+        );
         registry.register("rollup_minutes", "Client minutes folded into readings_1m", m.rollup_minutes.clone());
         registry.register(
             "rollup_backlog_seconds",

@@ -166,6 +166,98 @@ pub fn markers(touched: &Touched, owner: &str, token: u64) -> Vec<MarkerRow> {
         .collect()
 }
 
+/// Which `(client, minute)` pairs already have a durable marker of this
+/// server that no pass can have read yet, so that a later job touching the
+/// same minute need not write another: without it, 10,000 clients with one
+/// batch a second write 10,000 markers a second; with it, about one per
+/// client and minute.
+///
+/// A job may skip its marker for `(c, m)` only if all of these hold:
+/// - a marker for `(c, m)` of this server was written completely before
+///   (and this job's readings are already inserted: the writer asks after
+///   its readings insert), so whichever pass reads that marker reads it
+///   after this job's readings were in and its recompute covers them;
+/// - no pass of this server so far may read minute `m`: every pass records
+///   its bounds here *before* its read ([`MarkLedger::begin_pass`]), and
+///   `covered_before <= m < future_from` for all of them;
+/// - no other server may adopt that marker yet: adoption needs it to be
+///   `rollup_orphan_secs` old by ClickHouse's clock; the entry is trusted
+///   for half that, measured on this server's monotonic clock from before
+///   the marker insert started.
+///
+/// A restart starts empty (every minute is marked again). Entries a pass
+/// has covered, or that aged out, are dropped at the next pass.
+#[derive(Debug)]
+pub struct MarkLedger {
+    marked: std::collections::HashMap<(String, u32), tokio::time::Instant>,
+    covered_before: i64,
+    future_from: i64,
+    trust: Duration,
+}
+
+impl MarkLedger {
+    /// An empty ledger trusting entries for half of `orphan_secs`.
+    #[must_use]
+    pub fn new(orphan_secs: u64) -> Self {
+        Self {
+            marked: std::collections::HashMap::new(),
+            covered_before: i64::MIN,
+            future_from: i64::MAX,
+            trust: Duration::from_secs(orphan_secs / 2),
+        }
+    }
+
+    /// A pass is about to read markers of minutes `< closed_before` and
+    /// `>= future_from` (Unix seconds).
+    pub fn begin_pass(&mut self, closed_before: i64, future_from: i64, now: tokio::time::Instant) {
+        self.covered_before = self.covered_before.max(closed_before);
+        self.future_from = self.future_from.min(future_from);
+        let (covered, future, trust) = (self.covered_before, self.future_from, self.trust);
+        self.marked.retain(|(_, m), at| {
+            let m = i64::from(*m);
+            covered <= m && m < future && now.duration_since(*at) < trust
+        });
+    }
+
+    /// The pairs of `touched` that need a marker, asked at `now`.
+    #[must_use]
+    pub fn to_mark(&self, touched: &Touched, now: tokio::time::Instant) -> Touched {
+        Touched(
+            touched
+                .iter()
+                .filter(|pair| {
+                    let m = i64::from(pair.1);
+                    let trusted = self.marked.get(*pair).is_some_and(|at| now.duration_since(*at) < self.trust);
+                    !(trusted && self.covered_before <= m && m < self.future_from)
+                })
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Markers for `pairs` were written completely; their insert started at `started`.
+    pub fn marked(&mut self, pairs: &Touched, started: tokio::time::Instant) {
+        for pair in pairs.iter() {
+            self.marked.insert(pair.clone(), started);
+        }
+    }
+
+    /// Entries held (memory: one per open client minute).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.marked.len()
+    }
+
+    /// Whether no entry is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.marked.is_empty()
+    }
+}
+
+/// The ledger shared by the writer tasks and the roller of one server.
+pub type SharedLedger = Arc<std::sync::Mutex<MarkLedger>>;
+
 /// The subquery of pending `(client_id, minute)` pairs (each marker whose
 /// sum is positive), restricted by `filter` (SQL over the queue's columns).
 #[must_use]
@@ -389,6 +481,7 @@ pub struct Roller {
     owner: String,
     timing: Timing,
     batch: u32,
+    ledger: SharedLedger,
 }
 
 /// What one pass did.
@@ -403,10 +496,11 @@ pub struct PassReport {
 }
 
 impl Roller {
-    /// A roller writing through `store`, consuming markers of `owner`.
+    /// A roller writing through `store`, consuming markers of `owner`,
+    /// telling `ledger` what each pass may read.
     #[must_use]
-    pub fn new(store: Store, owner: &str, timing: Timing) -> Self {
-        Self { store, owner: owner.to_owned(), timing, batch: 100_000 }
+    pub fn new(store: Store, owner: &str, timing: Timing, ledger: SharedLedger) -> Self {
+        Self { store, owner: owner.to_owned(), timing, batch: 100_000, ledger }
     }
 
     fn metrics(&self) -> &Arc<Metrics> {
@@ -464,6 +558,13 @@ impl Roller {
         let (client, tables, flavor) = (self.store.client(), self.store.tables(), self.store.flavor());
         let sql = pending_markers_sql(tables);
         let closed_before = now_s - i64::try_from(self.timing.after_secs).unwrap_or(i64::MAX / 2);
+        let future_from = now_s + FUTURE_CLOSE_SECS;
+        // Before the read: from here on no job may rely on a marker this read can take.
+        self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner).begin_pass(
+            closed_before.max(0),
+            future_from,
+            tokio::time::Instant::now(),
+        );
         let markers: Vec<QueueRow> = self
             .store
             .retry("rollup_queue", || {
@@ -472,7 +573,7 @@ impl Roller {
                     .bind(self.owner.as_str())
                     .bind(self.timing.orphan_secs)
                     .bind(closed_before.max(0))
-                    .bind(now_s + FUTURE_CLOSE_SECS)
+                    .bind(future_from)
                     .bind(self.batch)
                     .fetch_all::<QueueRow>()
             })
@@ -585,6 +686,49 @@ mod tests {
         assert_eq!(minute_of(59_999_999), 0);
         assert_eq!(minute_of(60_000_000), 60);
         assert_eq!(minute_of(1_700_000_123_456_789), 1_700_000_100);
+    }
+
+    fn touched(list: &[(&str, u32)]) -> Touched {
+        Touched(pairs(list).into_iter().collect())
+    }
+
+    #[test]
+    fn a_minute_marked_before_is_not_marked_again_until_a_pass_may_read_it() {
+        let t0 = tokio::time::Instant::now();
+        let mut ledger = MarkLedger::new(300);
+        ledger.begin_pass(600, 10_000, t0); // minutes < 600 are readable
+        let job = touched(&[("a", 600), ("b", 660)]);
+        assert_eq!(ledger.to_mark(&job, t0), job, "nothing marked yet");
+        ledger.marked(&job, t0);
+        assert!(ledger.to_mark(&job, t0).is_empty(), "durable unread markers cover a later job");
+        // A pass that may read minute 600 (but not 660) starts.
+        ledger.begin_pass(660, 10_000, t0);
+        assert_eq!(ledger.to_mark(&job, t0), touched(&[("a", 600)]));
+        assert_eq!(ledger.len(), 1, "the covered entry is dropped");
+    }
+
+    #[test]
+    fn an_entry_is_trusted_only_for_half_the_orphan_age() {
+        let t0 = tokio::time::Instant::now();
+        let mut ledger = MarkLedger::new(300);
+        let job = touched(&[("a", 600)]);
+        ledger.marked(&job, t0);
+        assert!(ledger.to_mark(&job, t0 + Duration::from_secs(149)).is_empty());
+        assert_eq!(ledger.to_mark(&job, t0 + Duration::from_secs(150)), job, "a peer may adopt it soon");
+        ledger.begin_pass(0, 10_000, t0 + Duration::from_secs(150));
+        assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn far_future_minutes_are_always_marked_and_bounds_never_loosen() {
+        let t0 = tokio::time::Instant::now();
+        let mut ledger = MarkLedger::new(300);
+        ledger.begin_pass(660, 5000, t0);
+        // A later pass with an earlier clock (stepped back) does not make minute 600 unread again.
+        ledger.begin_pass(0, 9000, t0);
+        let job = touched(&[("a", 600), ("a", 6000)]);
+        ledger.marked(&job, t0);
+        assert_eq!(ledger.to_mark(&job, t0), job, "600 was readable once, 6000 is beyond the future bound");
     }
 
     #[test]

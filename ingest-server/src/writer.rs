@@ -16,7 +16,7 @@
 //! "stored" always has its minutes queued for the rollup ([`crate::rollup`]
 //! folds them in later, off this path). Nothing here waits for the rollup.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use clickhouse::Row;
@@ -83,14 +83,16 @@ struct StatusRow<'a> {
 pub struct Writer {
     store: Store,
     owner: String,
+    ledger: rollup::SharedLedger,
 }
 
 impl Writer {
     /// A writer through `store`; rollup markers name `owner` (this server's
-    /// MQTT client id), whose rollup task consumes them.
+    /// MQTT client id), whose rollup task consumes them; `ledger` (shared
+    /// with that task) spares markers for minutes already marked.
     #[must_use]
-    pub fn new(store: Store, owner: &str) -> Self {
-        Self { store, owner: owner.to_owned() }
+    pub fn new(store: Store, owner: &str, ledger: rollup::SharedLedger) -> Self {
+        Self { store, owner: owner.to_owned(), ledger }
     }
 
     async fn insert_readings_once(&self, job: &Job) -> Result<(), clickhouse::error::Error> {
@@ -244,17 +246,26 @@ impl Writer {
         }
         drop(permit);
         self.store.metrics().inserted_readings.inc_by(job.rows as u64);
-        let markers = rollup::markers(&Touched::of(&job), &self.owner, fastrand::u64(..));
-        match self.store.retry("rollup_queue", || self.insert_markers_once(&markers)).await {
-            Ok(()) => {}
-            Err(StoreError::Permanent(error)) => {
-                // Not acked: the broker redelivers the messages and the
-                // markers are tried again then.
-                self.store.metrics().rollup_errors.inc();
-                tracing::error!(%error, "rollup markers could not be stored; batch left for redelivery");
-                return abandoned(job);
+        // Asked only now that the readings are in: see MarkLedger.
+        let asked = tokio::time::Instant::now();
+        let touched = Touched::of(&job);
+        let need = self.ledger.lock().unwrap_or_else(PoisonError::into_inner).to_mark(&touched, asked);
+        let m = self.store.metrics();
+        m.rollup_markers.inc_by(need.len() as u64);
+        m.rollup_markers_spared.inc_by((touched.len() - need.len()) as u64);
+        if !need.is_empty() {
+            let markers = rollup::markers(&need, &self.owner, fastrand::u64(..));
+            match self.store.retry("rollup_queue", || self.insert_markers_once(&markers)).await {
+                Ok(()) => self.ledger.lock().unwrap_or_else(PoisonError::into_inner).marked(&need, asked),
+                Err(StoreError::Permanent(error)) => {
+                    // Not acked: the broker redelivers the messages and the
+                    // markers are tried again then.
+                    self.store.metrics().rollup_errors.inc();
+                    tracing::error!(%error, "rollup markers could not be stored; batch left for redelivery");
+                    return abandoned(job);
+                }
+                Err(StoreError::Stopped) => return abandoned(job),
             }
-            Err(StoreError::Stopped) => return abandoned(job),
         }
         match self.store.retry("ingested_ranges", || self.insert_ranges_once(&job)).await {
             Ok(()) => {}

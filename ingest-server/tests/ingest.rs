@@ -345,6 +345,38 @@ async fn open_minutes_are_answered_from_raw_rows_until_a_pass_folds_them() {
     adopter.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_is_marked_once_per_server_until_a_pass_may_read_it() {
+    // Readings of the current minute in many jobs: while no pass may read
+    // that minute (rollup_after_secs = 600), one marker covers every later
+    // job. A restarted server (same id, folding at once) then folds it, and
+    // the rollup counts every reading of every job.
+    let Some(world) = World::new() else { return };
+    let config = ingest_server::Config { rollup_after_secs: 600, batch_max_delay_ms: 50, ..world.config() };
+    let server = Server::start(config.clone()).await;
+    let agent = Agent::connect(&world).await;
+    let now_us = telemetry_wire::reading::now_micros();
+    for k in 0..10u64 {
+        let readings: Vec<Reading> =
+            (0..50).map(|i| Reading::new("s0".to_owned(), now_us + (k * 50 + i) as i64, (k * 50 + i) as f64)).collect();
+        let b =
+            Batch { client_id: "dev-once".into(), epoch: 9, first_seq: k * 50 + 1, last_seq: k * 50 + 50, readings };
+        agent.publish(&[b]).await;
+        agent.flushed().await;
+        let m = server.metrics.clone();
+        harness::wait_for("batch inserted", Duration::from_secs(10), || m.inserted_readings.get() == (k + 1) * 50)
+            .await;
+    }
+    let (written, spared) = (server.metrics.rollup_markers.get(), server.metrics.rollup_markers_spared.get());
+    assert!(spared >= 8, "later jobs relied on the first marker: {written} written, {spared} spared");
+    assert_eq!(world.rollup_count().await, 0, "no pass may read the current minute yet");
+    server.stop().await;
+    let folding = Server::start(ingest_server::Config { rollup_after_secs: 0, ..config }).await;
+    world.wait_stored(500, Duration::from_secs(30)).await;
+    world.assert_rollup_exact().await;
+    folding.stop().await;
+}
+
 /// Replaces each `?` in `sql` with the next literal.
 fn substitute(sql: &str, literals: &[String]) -> String {
     let mut out = String::new();
