@@ -200,6 +200,44 @@ async fn clickhouse_down_for_20_s_loses_nothing_and_counts_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
+    // ClickHouse frozen (SIGSTOP) for three keep-alive periods while 1,500
+    // messages arrive: the server keeps polling (PINGREQ goes out), so the
+    // broker never drops it; everything is stored after the thaw without a
+    // reconnect. (A poll task that waited on a full channel was dropped by
+    // the broker here, and its whole backlog was redelivered.)
+    let Some(world) = World::new() else { return };
+    let clickhouse = test_support::PrivateService::start(test_support::Service::ClickHouse);
+    let world = World { ch_url: clickhouse.http_url(), ..world };
+    let config = ingest_server::Config { mqtt_keep_alive_secs: 5, insert_timeout_secs: 60, ..world.config() };
+    let server = Server::start(config).await;
+    let agent = Agent::connect(&world).await;
+    let m = server.metrics.clone();
+
+    clickhouse.freeze();
+    let all = batches("dev-hang", 3, 1, 3000, 2);
+    for chunk in all.chunks(100) {
+        agent.publish(chunk).await;
+    }
+    agent.flushed().await;
+    harness::wait_for("every message received", Duration::from_secs(20), || {
+        m.received_messages.get_or_create(&ingest_server::metrics::KindLabel { kind: "batch".into() }).get() >= 1500
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(16)).await; // > 3 keep-alives (5 s): the broker's limit is 1.5
+    assert_eq!(m.inserted_readings.get(), 0, "ClickHouse was frozen: the fault window was hit");
+    assert_eq!(m.mqtt_connection_errors.get(), 0, "the broker never dropped the server");
+    clickhouse.thaw();
+
+    world.wait_stored(3000, Duration::from_secs(60)).await;
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-hang", &[range(3, 1, 3000)], Duration::from_secs(20)).await;
+    assert_eq!(m.mqtt_connection_errors.get(), 0, "no reconnect after the thaw either");
+    assert_eq!(m.stale_pubacks.get(), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_mid_stream_then_restarted_stores_each_reading_once() {
     let Some(world) = World::new() else { return };
     // A long batch delay: at the kill, the last half second of messages is

@@ -235,6 +235,31 @@ impl PrivateService {
         self.run("instance", true);
     }
 
+    /// The process id of the running instance (from the pid file `scripts/stack` keeps).
+    ///
+    /// # Panics
+    /// When the pid file is missing or malformed.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        let file = match self.service {
+            Service::Mqtt => self.dir.join("mosquitto.pid"),
+            Service::Postgres => self.dir.join("data/postmaster.pid"),
+            Service::ClickHouse => self.dir.join("clickhouse.pid"),
+        };
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        text.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{}: no pid", file.display()))
+    }
+
+    /// Freezes it (SIGSTOP): it keeps its sockets but answers nothing, like a hung server.
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// Thaws a frozen instance (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
     /// Postgres connection string (Postgres instances only).
     #[must_use]
     pub fn pg_url(&self) -> String {
@@ -248,8 +273,17 @@ impl PrivateService {
     }
 }
 
+fn signal(pid: u32, name: &str) {
+    let out = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).output().expect("run kill");
+    assert!(out.status.success(), "kill -{name} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl Drop for PrivateService {
     fn drop(&mut self) {
+        // A frozen instance would not stop.
+        if let Ok(text) = std::fs::read_to_string(self.dir.join("clickhouse.pid")) {
+            let _ = Command::new("kill").arg("-CONT").arg(text.trim()).output();
+        }
         let _ = Command::new(repo_root().join("scripts/stack"))
             .arg("instance-stop")
             .arg(self.service.script_name())
