@@ -37,6 +37,9 @@ pub enum Fault {
     EndToEndKillIngest,
     /// Agent in end-to-end mode; SIGKILL the broker, start it again.
     EndToEndKillBroker,
+    /// Two ingest servers in a shared group, one with its clock 2 h ahead
+    /// (libfaketime); one stream live, one stream hours late.
+    SkewedClocks,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -50,7 +53,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -61,6 +64,7 @@ impl Fault {
         Self::SharedGroupKill,
         Self::EndToEndKillIngest,
         Self::EndToEndKillBroker,
+        Self::SkewedClocks,
     ];
 
     /// The scenario's name (as on the command line).
@@ -77,6 +81,7 @@ impl Fault {
             Self::SharedGroupKill => "shared-group-kill",
             Self::EndToEndKillIngest => "end-to-end-kill-ingest",
             Self::EndToEndKillBroker => "end-to-end-kill-broker",
+            Self::SkewedClocks => "skewed-clocks",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -107,6 +112,13 @@ impl Fault {
             Self::EndToEndKillBroker => {
                 format!("agent `confirm = ingest`; SIGKILL Mosquitto, start it again after {pause} s")
             }
+            Self::SkewedClocks => format!(
+                "2 ingest servers in `$share/chaos/...`, one under libfaketime +{} h; both `rollup_after_secs` \
+                 {ROLLUP_AFTER_SECS_SKEWED}, `rollup_orphan_secs` {ORPHAN_SECS_SKEWED}; one stream live, one {} h \
+                 late, for {outage} s",
+                SKEW_SECS / 3600,
+                LATE_SECS / 3600
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -143,7 +155,11 @@ impl Fault {
             Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
                 form.restart_pause + Duration::from_secs(1)
             }
-            Self::BrokerDown | Self::ClickhouseDown | Self::QuotaReached | Self::QuotaDropOldest => form.outage,
+            Self::BrokerDown
+            | Self::ClickhouseDown
+            | Self::QuotaReached
+            | Self::QuotaDropOldest
+            | Self::SkewedClocks => form.outage,
         }
     }
 }
@@ -294,12 +310,38 @@ const EMULATORS: [(SensorKind, &str, usize, u64); 2] =
 /// Synthetic timestamps advance 20 ms per reading of a sensor: a short run
 /// spans a few minutes of data (several rollup minutes).
 const TS_STEP: i64 = 20_000;
+/// How far behind the real clock the synthetic timestamps start: readings
+/// arriving hours late (every scenario; the second stream of skewed-clocks).
+const LATE_SECS: i64 = 3 * 3600;
+/// skewed-clocks: how far ahead of the real clock the second ingest
+/// server's clock runs (libfaketime).
+const SKEW_SECS: i64 = 2 * 3600;
+/// skewed-clocks: `rollup_after_secs` of both servers (the default). With 0,
+/// as in the other scenarios, every minute is closed at once whatever the
+/// clock says, and the skew would decide nothing.
+const ROLLUP_AFTER_SECS_SKEWED: u64 = 70;
+/// skewed-clocks: `rollup_orphan_secs` of both servers. A peer's markers
+/// are adopted this long after they were written (by ClickHouse's clock),
+/// not 300 s: the real-clock server's markers of live minutes are consumed
+/// within the run, and each server consumes its own closed minutes first,
+/// which leaves the last fold of many late minutes to the server whose clock
+/// is behind (see docs/reliability.md).
+const ORPHAN_SECS_SKEWED: i64 = 10;
+/// skewed-clocks: the hours-late stream's timestamps span this much (from
+/// [`LATE_SECS`] ago), whatever the form: many minutes, each one's readings
+/// arriving within a fraction of a second and split between the servers.
+const LATE_SPAN_SECS: i64 = 90 * 60;
+/// skewed-clocks: slack when telling the two clocks apart.
+const CLOCK_SLACK_SECS: i64 = 120;
 
 #[allow(clippy::too_many_lines)] // one linear story: set up, stream, break, recover, judge
 async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let form = &env.form;
     let dir = env.work.join(fault.name());
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let skewed = fault == Fault::SkewedClocks;
+    // Fail before creating anything when the skew cannot be applied.
+    let faketime = if skewed { Some(libfaketime()?) } else { None };
 
     // --- the world -----------------------------------------------------------
     let private = match fault.private_service() {
@@ -320,26 +362,58 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let prefix = test_support::topic_prefix();
     let ch = clickhouse::Client::default().with_url(&ch_url).with_validation(false);
 
-    let ingest_count = if fault == Fault::SharedGroupKill { 2 } else { 1 };
+    let ingest_count = if matches!(fault, Fault::SharedGroupKill | Fault::SkewedClocks) { 2 } else { 1 };
+    let rollup_after = if skewed { ROLLUP_AFTER_SECS_SKEWED } else { 0 };
+    let mut skews = Vec::new();
     let mut ingests = Vec::new();
+    let mut ingest_ids = Vec::new();
     for n in 1..=ingest_count {
         let http = format!("127.0.0.1:{}", test_support::free_port());
+        let id = test_support::unique_name(&format!("chaos_ingest{n}"));
         let mut spec = Spec::new(&format!("ingest-{n}"), env.bins.join("ingest-server"), &dir)
             .flag("mqtt-port", mqtt_port)
-            .flag("mqtt-client-id", test_support::unique_name(&format!("chaos_ingest{n}")))
+            .flag("mqtt-client-id", &id)
             .flag("topic-prefix", &prefix)
             .flag("clickhouse-url", &ch_url)
             .flag("clickhouse-database", &database)
             .flag("http-address", &http)
             .flag("batch-max-delay-ms", 200)
-            .flag("rollup-after-secs", 0)
+            .flag("rollup-after-secs", rollup_after)
             .flag("rollup-interval-ms", 500)
             .flag("retry-max-ms", 2000)
             .env("RUST_LOG", "info");
         if ingest_count > 1 {
             spec = spec.flag("shared-group", "chaos");
         }
-        ingests.push(Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?);
+        if skewed {
+            spec = spec.flag("rollup-orphan-secs", ORPHAN_SECS_SKEWED);
+        }
+        if let (Some(lib), 2) = (&faketime, n) {
+            // The wall clock only: tokio's timers run on CLOCK_MONOTONIC.
+            spec = spec
+                .env("LD_PRELOAD", lib.display())
+                .env("FAKETIME", format!("+{SKEW_SECS}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", 1);
+        }
+        let daemon = Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?;
+        if skewed {
+            // The server's own clock, as its API reports it: proof that the
+            // skew took (or did not) before any reading is sent.
+            let want = if n == 2 { SKEW_SECS } else { 0 };
+            let skew = clock_skew(&daemon).await?;
+            if (skew - want).abs() > CLOCK_SLACK_SECS {
+                bail!("ingest-{n}'s clock is {skew:+} s off the real one, not {want:+} s: the skew is not as intended");
+            }
+            skews.push(skew);
+        }
+        ingests.push(daemon);
+        ingest_ids.push(id);
+    }
+    if skewed {
+        // The servers created the schema before subscribing.
+        for sql in clock_log_ddl(&format!("`{database}`")) {
+            ch.query(&sql).execute().await.context("create the clock logs")?;
+        }
     }
 
     let client_id = "chaos-1";
@@ -372,10 +446,20 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let rate = if fault == Fault::QuotaDropOldest { form.rate * 10 } else { form.rate };
     let per_emulator = rate * emission.as_secs();
     let now_s = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
-    let start_ts = (now_s - 3 * 3600) / 60 * 60 * 1_000_000;
+    let start_ts = (now_s - LATE_SECS) / 60 * 60 * 1_000_000;
     let mut emulators = Vec::new();
     let mut streams = Vec::new();
-    for (kind, name, sensors, seed) in EMULATORS {
+    for (i, (kind, name, sensors, seed)) in EMULATORS.into_iter().enumerate() {
+        // skewed-clocks: the first stream is live (its timestamps follow the
+        // real clock, so its minutes are open), the second hours late.
+        let (start_ts, ts_step) = if skewed && i == 0 {
+            (now_s * 1_000_000, i64::try_from(u64::try_from(sensors)? * 1_000_000 / rate.max(1))?)
+        } else if skewed {
+            let per_sensor = i64::try_from(per_emulator / u64::try_from(sensors)?)?;
+            (start_ts, LATE_SPAN_SECS * 1_000_000 / per_sensor.max(1))
+        } else {
+            (start_ts, TS_STEP)
+        };
         let spec = Spec::new(&format!("emulator-{name}"), env.bins.join(kind.name()), &dir)
             .flag("connect", format!("tcp://127.0.0.1:{listen_port}"))
             .flag("rate", rate)
@@ -385,7 +469,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             .flag("frame", 50)
             .flag("seed", seed)
             .flag("start-ts", start_ts)
-            .flag("ts-step", TS_STEP)
+            .flag("ts-step", ts_step)
             .arg("--reliable")
             .arg("--quiet")
             .env("RUST_LOG", "info");
@@ -397,7 +481,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             sensors,
             seed,
             start_ts,
-            ts_step: TS_STEP,
+            ts_step,
             generated: 0,
             acked: 0,
         });
@@ -412,6 +496,12 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         Fault::KillAgent => {
             agent.kill().await;
             agent.restart(START_WITHIN).await?;
+        }
+        Fault::SkewedClocks => {
+            // The skew is there from the start: this is the window in which
+            // both streams flow through the pair (the clock logs, read at
+            // the end, show what each server did in it).
+            tokio::time::sleep(form.outage).await;
         }
         Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill => {
             let victim = &mut ingests[0];
@@ -557,6 +647,15 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             error = Some("the quota was never reached: the scenario did not exercise its fault".to_owned());
         }
     }
+    if skewed {
+        match clock_evidence(&ch, &format!("`{database}`"), &ingest_ids, &skews, &ingests).await {
+            Ok((note, problem)) => {
+                notes.push(note);
+                error = error.or(problem);
+            }
+            Err(e) => error = Some(format!("cannot read the clock evidence: {e:#}")),
+        }
+    }
     let mut duplicates = 0.0;
     for ingest in &ingests {
         duplicates += ingest.metric("telemetry_ingest_duplicate_readings_total").await.unwrap_or(0.0);
@@ -617,4 +716,180 @@ async fn restart_private(p: Arc<PrivateService>) -> Result<Instant> {
 
 async fn query_count(ch: &clickhouse::Client, sql: &str) -> Result<u64> {
     Ok(ch.query(sql).fetch_one::<u64>().await?)
+}
+
+/// The libfaketime preload library for skewed-clocks: `CHAOS_LIBFAKETIME`,
+/// else where Debian's `libfaketime` (a dependency of `faketime`) puts it.
+fn libfaketime() -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("CHAOS_LIBFAKETIME") {
+        Some(path) => vec![path.into()],
+        None => vec![
+            format!("/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1", std::env::consts::ARCH).into(),
+            "/usr/lib/faketime/libfaketime.so.1".into(),
+            "/usr/local/lib/faketime/libfaketime.so.1".into(),
+        ],
+    };
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        anyhow!(
+            "skewed-clocks runs one ingest server under libfaketime, which is not installed (tried {}): \
+             `apt-get install faketime` (scripts/test does), or set CHAOS_LIBFAKETIME to the library",
+            tried.join(", ")
+        )
+    })
+}
+
+/// The clock logs of skewed-clocks: materialised views recording, for every
+/// row written to `rollup_queue` and to `readings_1m`, ClickHouse's clock at
+/// the insert (the real one). The queue itself keeps no evidence: a consumed
+/// marker's `+1` and `-1` rows sum to zero and merge away.
+fn clock_log_ddl(db: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE MATERIALIZED VIEW {db}.chaos_marker_log ENGINE = MergeTree() ORDER BY owner \
+             AS SELECT owner, minute, marked_at, pending, now() AS seen_at FROM {db}.rollup_queue"
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW {db}.chaos_fold_log ENGINE = MergeTree() ORDER BY minute \
+             AS SELECT client_id, minute, count, now() AS seen_at FROM {db}.readings_1m"
+        ),
+    ]
+}
+
+/// One server's markers in the marker log.
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct OwnerMarkers {
+    owner: String,
+    markers: u64,
+    /// `marked_at` minus ClickHouse's clock at the insert, seconds.
+    min_lag: i64,
+    max_lag: i64,
+}
+
+/// How far (s) an ingest server's wall clock is off ours: the `now_ms` of
+/// its `/api/health`.
+async fn clock_skew(daemon: &Daemon) -> Result<i64> {
+    let body = crate::procs::http_get(&daemon.http, "/api/health")
+        .await
+        .with_context(|| format!("{}: no answer from /api/health", daemon.spec.name))?;
+    let now_ms: i64 = body
+        .split_once("\"now_ms\":")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .with_context(|| format!("{}: no now_ms in /api/health: {body}", daemon.spec.name))?;
+    let ours = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
+    Ok((now_ms - ours) / 1000)
+}
+
+/// What skewed-clocks must show besides a clean verdict, or it proved
+/// nothing (the problems), and what it saw (the note). Checked: each server
+/// ran with its clock (`skews`, from their APIs at start) and both stored
+/// readings and wrote markers; rollup rows were written for minutes still
+/// open by the real clock (only the skewed server closes them that early)
+/// and for hours-late minutes; markers of the real-clock server consumed
+/// while their minute was open (adopted by the peer) were at least
+/// `rollup_orphan_secs` old by ClickHouse's clock, whatever the adopter's
+/// clock said; and no marker of either server is left pending.
+async fn clock_evidence(
+    ch: &clickhouse::Client,
+    db: &str,
+    ids: &[String],
+    skews: &[i64],
+    ingests: &[Daemon],
+) -> Result<(String, Option<String>)> {
+    let (Some(real), Some(ahead)) = (ids.first(), ids.get(1)) else { bail!("skewed-clocks needs two ingest servers") };
+    let mut notes = Vec::new();
+    let mut problems = Vec::new();
+    let markers: Vec<OwnerMarkers> = ch
+        .query(&format!(
+            "SELECT owner, toUInt64(count()) AS markers, min(toInt64(marked_at) - toInt64(seen_at)) AS min_lag, \
+             max(toInt64(marked_at) - toInt64(seen_at)) AS max_lag \
+             FROM {db}.chaos_marker_log WHERE pending > 0 GROUP BY owner"
+        ))
+        .fetch_all()
+        .await
+        .context("read the marker log")?;
+    for (n, id) in [real, ahead].into_iter().enumerate() {
+        let name = format!("ingest-{}", n + 1);
+        let skew = skews.get(n).copied().unwrap_or_default();
+        let inserted = ingests[n].metric("telemetry_ingest_inserted_readings_total").await.unwrap_or(-1.0);
+        let folded = ingests[n].metric("telemetry_ingest_rollup_minutes_total").await.unwrap_or(-1.0);
+        let (count, lag) = match markers.iter().find(|m| &m.owner == id) {
+            Some(m) => (m.markers, format!("{:+}..{:+}", m.min_lag, m.max_lag)),
+            None => (0, "-".to_owned()),
+        };
+        notes.push(format!(
+            "{name}: clock {skew:+} s, inserted {inserted} readings, wrote {count} markers (marked_at {lag} s off \
+             ClickHouse's clock at the insert), folded {folded} client-minutes"
+        ));
+        if inserted <= 0.0 || count == 0 {
+            problems.push(format!("{name} stored no readings or wrote no marker"));
+        }
+    }
+    let half = SKEW_SECS / 2;
+    let ranges = |cond: String| {
+        format!("SELECT toUInt64(count()) FROM {db}.ingested_ranges WHERE toInt64(inserted_at) - toInt64(now()) {cond}")
+    };
+    let ranges_ahead = query_count(ch, &ranges(format!("> {half}"))).await?;
+    let ranges_real = query_count(ch, &ranges(format!("<= {half}"))).await?;
+    notes.push(format!("ingested_ranges stamped {ranges_ahead} rows 2 h ahead, {ranges_real} on the real clock"));
+    let folds = |cond: String| format!("SELECT toUInt64(count()) FROM {db}.chaos_fold_log WHERE {cond}");
+    let early =
+        query_count(ch, &folds(format!("toInt64(seen_at) < toInt64(minute) + {ROLLUP_AFTER_SECS_SKEWED}"))).await?;
+    let late = query_count(ch, &folds(format!("toInt64(minute) < toInt64(seen_at) - {}", LATE_SECS / 2))).await?;
+    notes.push(format!(
+        "readings_1m rows written for minutes still open by the real clock {early}, for hours-late minutes {late}"
+    ));
+    if early == 0 {
+        problems.push("no minute was folded while still open: the skewed clock decided nothing".to_owned());
+    }
+    if late == 0 {
+        problems.push("no hours-late minute was folded".to_owned());
+    }
+    // The real-clock server consumes a minute's markers only once the minute
+    // closed by its clock: a consumption of its marker while the minute was
+    // open is the peer's adoption, which must wait `rollup_orphan_secs` by
+    // ClickHouse's clock (both columns are ClickHouse's whole seconds).
+    let adoptions = |cond: &str| {
+        format!(
+            "SELECT toUInt64(count()) FROM {db}.chaos_marker_log WHERE owner = ? AND pending < 0 \
+             AND toInt64(minute) + {ROLLUP_AFTER_SECS_SKEWED} >= toInt64(seen_at){cond}"
+        )
+    };
+    let adopted = ch.query(&adoptions("")).bind(real.as_str()).fetch_one::<u64>().await?;
+    let early_adopted = ch
+        .query(&adoptions(&format!(" AND toInt64(seen_at) - toInt64(marked_at) < {ORPHAN_SECS_SKEWED}")))
+        .bind(real.as_str())
+        .fetch_one::<u64>()
+        .await?;
+    notes.push(format!(
+        "ingest-1 markers of open minutes adopted by ingest-2 {adopted}, of which younger than {ORPHAN_SECS_SKEWED} s \
+         {early_adopted}"
+    ));
+    if adopted == 0 {
+        problems.push("ingest-2 adopted no marker of an open minute".to_owned());
+    }
+    if early_adopted > 0 {
+        problems.push(format!(
+            "{early_adopted} markers adopted before they were {ORPHAN_SECS_SKEWED} s old: adoption followed the \
+             skewed clock"
+        ));
+    }
+    for (n, id) in [real, ahead].into_iter().enumerate() {
+        let pending: u64 = ch
+            .query(&format!(
+                "SELECT toUInt64(count()) FROM (SELECT any(owner) AS o FROM {db}.rollup_queue \
+                 GROUP BY client_id, minute, token HAVING sum(pending) > 0) WHERE o = ?"
+            ))
+            .bind(id.as_str())
+            .fetch_one()
+            .await
+            .context("read the pending markers")?;
+        if pending > 0 {
+            problems.push(format!("{pending} markers of ingest-{} still pending", n + 1));
+        }
+    }
+    let problem =
+        (!problems.is_empty()).then(|| format!("skewed-clocks did not show what it must: {}", problems.join("; ")));
+    Ok((notes.join("; "), problem))
 }

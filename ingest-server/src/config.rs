@@ -96,7 +96,10 @@ pub struct Config {
     /// in again. 0 folds in every minute at every pass (tests).
     pub rollup_after_secs: u64,
     /// Rollup markers written by another ingest server are folded in by this
-    /// one once they are this many seconds old (that server may be gone).
+    /// one once they are this many seconds old by ClickHouse's clock (that
+    /// server may be gone). Keep it the same on every server of one
+    /// database: a server relies on its own unread markers for half of its
+    /// own value, and a peer with a much smaller one could take them sooner.
     pub rollup_orphan_secs: u64,
     /// On shutdown, how long to keep trying to flush and ack, in seconds.
     pub shutdown_timeout_secs: u64,
