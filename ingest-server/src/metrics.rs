@@ -53,6 +53,8 @@ pub struct Metrics {
     pub insert_retries: Family<TableLabel, Counter>,
     /// Rollup passes or markers that failed permanently (raw data unaffected).
     pub rollup_errors: Counter,
+    /// Jobs whose readings were split into several INSERTs (too many daily partitions).
+    pub split_inserts: Counter,
     /// Rollup passes run.
     pub rollup_passes: Counter,
     /// Rollup markers written.
@@ -117,6 +119,7 @@ impl Metrics {
             dead_letters: Family::default(),
             insert_retries: Family::default(),
             rollup_errors: Counter::default(),
+            split_inserts: Counter::default(),
             rollup_passes: Counter::default(),
             rollup_markers: Counter::default(),
             rollup_markers_spared: Counter::default(),
@@ -153,6 +156,11 @@ impl Metrics {
         registry.register("dead_letters", "Messages written to ingest_errors, by reason", m.dead_letters.clone());
         registry.register("insert_retries", "ClickHouse requests retried, by table", m.insert_retries.clone());
         registry.register("rollup_errors", "Rollup passes or markers that failed permanently", m.rollup_errors.clone());
+        registry.register(
+            "split_inserts",
+            "Jobs whose readings were split into several INSERTs to bound the partitions each touches",
+            m.split_inserts.clone(),
+        );
         registry.register("rollup_passes", "Rollup passes run", m.rollup_passes.clone());
         registry.register("rollup_markers", "Rollup markers written", m.rollup_markers.clone());
         registry.register(

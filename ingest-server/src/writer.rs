@@ -16,6 +16,7 @@
 //! "stored" always has its minutes queued for the rollup ([`crate::rollup`]
 //! folds them in later, off this path). Nothing here waits for the rollup.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
@@ -95,11 +96,20 @@ impl Writer {
         Self { store, owner: owner.to_owned(), ledger }
     }
 
-    async fn insert_readings_once(&self, job: &Job) -> Result<(), clickhouse::error::Error> {
+    /// One INSERT of the job's new readings, or of those whose day is in
+    /// `days` (see [`partition_groups`]).
+    async fn insert_readings_once(
+        &self,
+        job: &Job,
+        days: Option<&BTreeSet<i64>>,
+    ) -> Result<(), clickhouse::error::Error> {
         let mut insert = self.store.client().insert_unescaped::<ReadingRow<'_>>(&self.store.tables().readings).await?;
         for part in &job.parts {
             let batch = &part.batch;
             for (seq, reading) in part.fresh_readings() {
+                if days.is_some_and(|d| !d.contains(&day_of(reading.ts))) {
+                    continue;
+                }
                 insert
                     .write(&ReadingRow {
                         client_id: &batch.client_id,
@@ -218,7 +228,7 @@ impl Writer {
         if job.rows == 0 {
             return Outcome { job, stored: true, abandoned: false };
         }
-        match self.store.retry("readings", || self.insert_readings_once(&job)).await {
+        match self.insert_readings(&job).await {
             Ok(()) => {}
             Err(StoreError::Permanent(error)) => {
                 let text = error.to_string();
@@ -280,6 +290,29 @@ impl Writer {
         Outcome { job, stored: true, abandoned: false }
     }
 
+    /// The job's new readings, in one INSERT, or in one per group of at
+    /// most [`MAX_PARTITIONS_PER_INSERT`] days when they span more (a device
+    /// with a bad clock, a replayed months-long backlog): current ClickHouse
+    /// refuses an INSERT touching more than 100 partitions
+    /// (`max_partitions_per_insert_block`, Code 252), which would otherwise
+    /// stall every client's readings behind that job. A retry repeats a
+    /// group whole; readings already in from an earlier group collapse by
+    /// identity.
+    async fn insert_readings(&self, job: &Job) -> Result<(), StoreError> {
+        let days: BTreeSet<i64> =
+            job.parts.iter().flat_map(|p| p.fresh_readings().map(|(_, r)| day_of(r.ts))).collect();
+        if days.len() <= MAX_PARTITIONS_PER_INSERT {
+            return self.store.retry("readings", || self.insert_readings_once(job, None)).await;
+        }
+        let groups = partition_groups(&days);
+        tracing::info!(days = days.len(), inserts = groups.len(), "readings span many daily partitions; split");
+        for group in &groups {
+            self.store.retry("readings", || self.insert_readings_once(job, Some(group))).await?;
+        }
+        self.store.metrics().split_inserts.inc();
+        Ok(())
+    }
+
     /// Every stored range, for the dedup state at start.
     ///
     /// # Errors
@@ -290,10 +323,51 @@ impl Writer {
     }
 }
 
+/// Most daily partitions of `readings` one INSERT may touch: below current
+/// ClickHouse's default `max_partitions_per_insert_block` (100), with room
+/// for a server whose time zone shifts a UTC day across two local ones.
+pub const MAX_PARTITIONS_PER_INSERT: usize = 64;
+
+/// The UTC day of a reading time (µs): the partition it lands in.
+#[must_use]
+pub fn day_of(ts_us: i64) -> i64 {
+    ts_us.div_euclid(86_400_000_000)
+}
+
+/// `days` cut into groups of at most [`MAX_PARTITIONS_PER_INSERT`].
+#[must_use]
+pub fn partition_groups(days: &BTreeSet<i64>) -> Vec<BTreeSet<i64>> {
+    let sorted: Vec<i64> = days.iter().copied().collect();
+    sorted.chunks(MAX_PARTITIONS_PER_INSERT).map(|c| c.iter().copied().collect()).collect()
+}
+
 fn finite(v: f64) -> f64 {
     if v.is_finite() {
         v
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_spanning_many_days_are_cut_into_inserts_of_at_most_64_partitions() {
+        let days: BTreeSet<i64> = (0..300).map(|d| d * 2).collect();
+        let groups = partition_groups(&days);
+        assert_eq!(groups.len(), 5);
+        assert!(groups.iter().all(|g| g.len() <= MAX_PARTITIONS_PER_INSERT));
+        let joined: BTreeSet<i64> = groups.into_iter().flatten().collect();
+        assert_eq!(joined, days, "every day in exactly one group");
+    }
+
+    #[test]
+    fn days_are_utc_days_including_before_midnight() {
+        assert_eq!(day_of(0), 0);
+        assert_eq!(day_of(86_399_999_999), 0);
+        assert_eq!(day_of(86_400_000_000), 1);
+        assert_eq!(day_of(1_700_000_000_000_000), 19_675);
     }
 }

@@ -415,6 +415,32 @@ async fn a_minute_is_marked_once_per_server_until_a_pass_may_read_it() {
     folding.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_a_bad_clock_spanning_300_days_is_stored_in_bounded_inserts() {
+    // One batch whose readings span 300 daily partitions, among healthy
+    // batches: current ClickHouse refuses an INSERT touching more than 100
+    // partitions (Code 252; 18.16 does not, so the split itself is what is
+    // checked here, and chdb checks the statements). Everything is stored,
+    // the job was split, and the rollup is exact for every one of its minutes.
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let agent = Agent::connect(&world).await;
+    let day = 86_400_000_000i64;
+    let readings: Vec<Reading> =
+        (0..300i64).map(|d| Reading::new("s0".to_owned(), harness::BASE_TS + d * day, d as f64)).collect();
+    let bad = Batch { client_id: "dev-clock".into(), epoch: 1, first_seq: 1, last_seq: 300, readings };
+    let mut all = batches("dev-fine", 2, 1, 600, 200);
+    all.insert(1, bad);
+    agent.publish(&all).await;
+    agent.flushed().await;
+    world.wait_stored(900, Duration::from_secs(60)).await;
+    assert!(server.metrics.split_inserts.get() >= 1, "the job spanning 300 days was split");
+    world.assert_rollup_exact().await;
+    agent.wait_acked("dev-clock", &[range(1, 1, 300)], Duration::from_secs(20)).await;
+    agent.wait_acked("dev-fine", &[range(2, 1, 600)], Duration::from_secs(20)).await;
+    server.stop().await;
+}
+
 /// Replaces each `?` in `sql` with the next literal.
 fn substitute(sql: &str, literals: &[String]) -> String {
     let mut out = String::new();
@@ -433,12 +459,7 @@ fn substitute(sql: &str, literals: &[String]) -> String {
 #[test]
 fn current_clickhouse_schema_runs_in_chdb() {
     use ingest_server::schema::{ddl, Flavor, Tables};
-    let has_chdb =
-        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
-    if !has_chdb {
-        let msg = "chdb is not installed; run ingest-server/tests/chdb/install.sh";
-        assert!(!test_support::under_ci(), "{msg} (CI=true: a missing chdb fails the test)");
-        eprintln!("SKIPPED: {msg}");
+    if !has_chdb() {
         return;
     }
     // With a TTL (rows from 2023 would expire at once, so no data goes there)...
@@ -522,8 +543,55 @@ fn current_clickhouse_schema_runs_in_chdb() {
     assert_eq!(run_chdb(&statements), "2\t2\t1\t3\t2\n1\t8\t8\t8\t1\n", "rollup on current ClickHouse");
 }
 
-/// Runs `statements` in chdb; the last one's TSV output.
-fn run_chdb(statements: &[String]) -> String {
+#[test]
+fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_ones() {
+    use ingest_server::schema::{ddl, Flavor, Tables};
+    use ingest_server::writer::MAX_PARTITIONS_PER_INSERT;
+    if !has_chdb() {
+        return;
+    }
+    let tables = Tables::new("telemetry");
+    let rows = |days: std::ops::Range<i64>| {
+        let values: Vec<String> = days
+            .map(|d| {
+                let ts = harness::BASE_TS + d * 86_400_000_000;
+                format!("('bad', 's', fromUnixTimestamp64Micro(toInt64({ts}), 'UTC'), 1.0, 1, {})", d + 1)
+            })
+            .collect();
+        format!(
+            "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES {}",
+            tables.readings,
+            values.join(", ")
+        )
+    };
+    let mut whole = ddl(Flavor::Current, &tables, 0);
+    whole.push(rows(0..150));
+    let (ok, stderr) = try_chdb(&whole);
+    assert!(!ok && stderr.contains("252"), "150 partitions in one INSERT must be refused (Code 252): {stderr}");
+    let limit = i64::try_from(MAX_PARTITIONS_PER_INSERT).unwrap();
+    let mut split = ddl(Flavor::Current, &tables, 0);
+    let mut from = 0;
+    while from < 150 {
+        split.push(rows(from..(from + limit).min(150)));
+        from += limit;
+    }
+    split.push(format!("SELECT count() FROM {}", tables.readings));
+    assert_eq!(run_chdb(&split), "150\n", "inserts of at most {limit} partitions are taken");
+}
+
+fn has_chdb() -> bool {
+    let has =
+        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
+    if !has {
+        let msg = "chdb is not installed; run ingest-server/tests/chdb/install.sh";
+        assert!(!test_support::under_ci(), "{msg} (CI=true: a missing chdb fails the test)");
+        eprintln!("SKIPPED: {msg}");
+    }
+    has
+}
+
+/// Runs `statements` in chdb (`tests/chdb/run_sql.py`).
+fn chdb(statements: &[String]) -> std::process::Output {
     let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("statements.json");
@@ -532,8 +600,19 @@ fn run_chdb(statements: &[String]) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chdb/run_sql.py");
     let out = std::process::Command::new("python3").arg(script).arg(&file).output().expect("run python3");
     let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "chdb run failed: {stderr}");
+    out
+}
+
+/// Whether all of `statements` succeeded in chdb, and its standard error.
+fn try_chdb(statements: &[String]) -> (bool, String) {
+    let out = chdb(statements);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs `statements` in chdb; the last one's TSV output.
+fn run_chdb(statements: &[String]) -> String {
+    let out = chdb(statements);
+    assert!(out.status.success(), "chdb run failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
