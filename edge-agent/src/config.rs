@@ -142,6 +142,10 @@ settings! {
     idle_timeout_secs: u64 = 300, env "EDGE_AGENT_IDLE_TIMEOUT_SECS";
     /// Reject readings stamped further than this into the future.
     max_future_skew_secs: u64 = 86_400, env "EDGE_AGENT_MAX_FUTURE_SKEW_SECS";
+    /// Reject readings stamped further than this into the past (0: accept
+    /// any age down to the year 2000). A sensor whose clock reset at boot
+    /// otherwise sends readings from another decade.
+    max_past_skew_secs: u64 = 0, env "EDGE_AGENT_MAX_PAST_SKEW_SECS";
     /// Postgres connection string of the outbox (key=value or URL form).
     postgres_url: String = "host=127.0.0.1 port=25432 user=postgres dbname=postgres".into(), env "EDGE_AGENT_POSTGRES_URL";
     /// Postgres password, if the connection string has none.

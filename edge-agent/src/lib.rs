@@ -231,6 +231,8 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
         idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(1)),
         max_future_skew_micros: i64::try_from(config.max_future_skew_secs.saturating_mul(1_000_000))
             .unwrap_or(i64::MAX),
+        max_past_skew_micros: (config.max_past_skew_secs > 0)
+            .then(|| i64::try_from(config.max_past_skew_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
         close_grace: Duration::from_secs(config.shutdown_timeout_secs.clamp(1, 5)),
         gather_readings: config.commit_max_rows.min(4096),
     };

@@ -52,6 +52,8 @@ pub struct ConnContext {
     pub idle_timeout: Duration,
     /// Reject readings further in the future than this.
     pub max_future_skew_micros: i64,
+    /// Reject readings further in the past than this (`None`: no limit).
+    pub max_past_skew_micros: Option<i64>,
     /// How long a closing connection waits for its last commits to ack them.
     pub close_grace: Duration,
     /// Most readings gathered into one submission from frames already
@@ -333,6 +335,9 @@ fn add_unit(sub: &mut Submission, unit: Unit, ctx: &ConnContext) {
         let verdict = match r.validate() {
             Err(e) => Err(e.kind()),
             Ok(()) if r.ts > now.saturating_add(ctx.max_future_skew_micros) => Err("future_timestamp"),
+            Ok(()) if ctx.max_past_skew_micros.is_some_and(|past| r.ts < now.saturating_sub(past)) => {
+                Err("past_timestamp")
+            }
             Ok(()) => Ok(()),
         };
         match verdict {

@@ -167,6 +167,35 @@ async fn at_quota_drop_oldest_drops_and_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_older_than_max_past_skew_are_rejected_and_counted() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let mut config = agent_config(&pg, test_support::free_port(), &topic_prefix());
+    config.max_past_skew_secs = 3600;
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let ListenAddr::Tcp(addr) = agent.listen_addrs[0].clone() else { unreachable!() };
+    let now = telemetry_wire::reading::now_micros();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut lines = Vec::new();
+    for ts in [now - 7_200_000_000, now - 60_000_000, now] {
+        telemetry_wire::json::write_line(&telemetry_wire::Reading::new("x", ts, 1.0), &mut lines);
+    }
+    s.write_all(&lines).await.unwrap();
+    let mut buf = vec![0; 256];
+    let mut got = String::new();
+    while !got.contains("{\"acked\":3}") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "connection stays open; got {got:?}");
+        got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    let m = &agent.shared.metrics;
+    assert_eq!(family_total(&m.readings_rejected, &["past_timestamp"]), 1, "the two-hour-old reading");
+    assert_eq!(m.readings_committed.get(), 2);
+    assert_eq!(outbox_rows(&pg).await, 2);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_closes_only_that_connection() {
     let Some(stack) = stack_or_skip(PG_MQTT) else { return };
     let pg = fresh_pg_database(&stack).await;
