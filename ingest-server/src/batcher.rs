@@ -48,6 +48,7 @@ pub struct Batcher {
     max_messages: usize,
     max_bytes: usize,
     max_delay: Duration,
+    dedup_horizon_s: u64,
     dedup: Arc<Mutex<DedupState>>,
     metrics: Arc<Metrics>,
     writer: Arc<Writer>,
@@ -74,6 +75,7 @@ impl Batcher {
             max_messages: config.batch_max_messages,
             max_bytes: config.batch_max_bytes,
             max_delay: Duration::from_millis(config.batch_max_delay_ms),
+            dedup_horizon_s: u64::from(config.dedup_horizon_days) * 86_400,
             dedup,
             metrics,
             writer,
@@ -86,12 +88,14 @@ impl Batcher {
     /// Reads `rx` until `shutdown` (or the channel closes), then flushes.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Inbound>, shutdown: CancellationToken) {
         let mut job = Job::default();
+        let mut evict = tokio::time::interval(Duration::from_secs(60));
         loop {
             let deadline =
                 job.opened.map_or_else(|| Instant::now() + Duration::from_secs(3600), |t| t + self.max_delay);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                _ = evict.tick() => self.evict_idle_streams(),
                 () = tokio::time::sleep_until(deadline), if job.opened.is_some() => {
                     self.flush(&mut job).await;
                 }
@@ -194,6 +198,7 @@ impl Batcher {
             // Invariant: the lock is only held for plain map operations that
             // do not panic; a poisoned lock still holds consistent data.
             let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+            dedup.touch(&batch.client_id, batch.epoch, u64::from(unix_seconds()));
             dedup.claim(&batch.client_id, batch.epoch, batch.first_seq, batch.last_seq)
         };
         let new: u64 = fresh.iter().map(|(a, b)| b - a + 1).sum();
@@ -210,6 +215,18 @@ impl Batcher {
         }
         job.rows += new as usize;
         job.parts.push(BatchPart { batch, fresh, message: index });
+    }
+
+    /// Forgets streams idle beyond the dedup horizon (bounded memory).
+    fn evict_idle_streams(&self) {
+        let evicted = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+            dedup.evict_idle(u64::from(unix_seconds()), self.dedup_horizon_s)
+        };
+        if evicted > 0 {
+            self.metrics.dedup_streams_evicted.inc_by(evicted as u64);
+            tracing::info!(evicted, "idle streams beyond the dedup horizon forgotten");
+        }
     }
 
     fn count(&self, kind: &str) {

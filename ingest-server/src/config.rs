@@ -101,6 +101,12 @@ pub struct Config {
     /// database: a server relies on its own unread markers for half of its
     /// own value, and a peer with a much smaller one could take them sooner.
     pub rollup_orphan_secs: u64,
+    /// Days the server remembers exactly which seq ranges it stored (the
+    /// dedup horizon): ranges are loaded at start from this far back,
+    /// streams idle this long are forgotten in memory, and older monthly
+    /// partitions of `ingested_ranges` are dropped. A replay older than that
+    /// is inserted again; the raw table's identity still counts it once.
+    pub dedup_horizon_days: u32,
     /// On shutdown, how long to keep trying to flush and ack, in seconds.
     pub shutdown_timeout_secs: u64,
     /// Address of the HTTP listener for the dashboard (`/`), the JSON API
@@ -139,6 +145,7 @@ impl Default for Config {
             retry_min_ms: 100,
             retry_max_ms: 5000,
             insert_timeout_secs: 60,
+            dedup_horizon_days: 7,
             rollup_interval_ms: 2000,
             rollup_after_secs: 70,
             rollup_orphan_secs: 300,
@@ -242,6 +249,9 @@ impl Config {
         }
         if self.max_payload_bytes > telemetry_wire::MAX_PAYLOAD_BYTES {
             return Err(invalid("max_payload_bytes", format!("at most {}", telemetry_wire::MAX_PAYLOAD_BYTES)));
+        }
+        if self.dedup_horizon_days == 0 {
+            return Err(invalid("dedup_horizon_days", "must be at least 1"));
         }
         if self.rollup_interval_ms == 0 {
             return Err(invalid("rollup_interval_ms", "must be at least 1"));
@@ -363,6 +373,7 @@ overrides! {
     retry_min_ms: u64 => "INGEST_RETRY_MIN_MS",
     retry_max_ms: u64 => "INGEST_RETRY_MAX_MS",
     insert_timeout_secs: u64 => "INGEST_INSERT_TIMEOUT_SECS",
+    dedup_horizon_days: u32 => "INGEST_DEDUP_HORIZON_DAYS",
     rollup_interval_ms: u64 => "INGEST_ROLLUP_INTERVAL_MS",
     rollup_after_secs: u64 => "INGEST_ROLLUP_AFTER_SECS",
     rollup_orphan_secs: u64 => "INGEST_ROLLUP_ORPHAN_SECS",

@@ -140,10 +140,19 @@ impl IntervalSet {
 pub type StreamKey = (String, u64);
 
 /// What the server stored and what its pending inserts are about to store.
+///
+/// # Horizon
+/// The state is bounded in time: streams unused for the dedup horizon are
+/// forgotten ([`DedupState::evict_idle`]), and only ranges stored within it
+/// are loaded at start. A replay older than that is inserted again; the raw
+/// table's identity `(client_id, sensor, ts)` still counts it once, and the
+/// rollup refolds its minutes from deduplicated rows.
 #[derive(Debug, Default)]
 pub struct DedupState {
     claimed: HashMap<StreamKey, IntervalSet>,
     stored: HashMap<StreamKey, IntervalSet>,
+    /// Last use of each stream, in the caller's clock (seconds).
+    used: HashMap<StreamKey, u64>,
 }
 
 impl DedupState {
@@ -197,6 +206,30 @@ impl DedupState {
         self.stored.get(&(client_id.to_owned(), epoch)).map(|s| s.intersection(lo, hi)).unwrap_or_default()
     }
 
+    /// Notes that a stream was used at `now_s` (a claim or a load).
+    pub fn touch(&mut self, client_id: &str, epoch: u64, now_s: u64) {
+        self.used.insert((client_id.to_owned(), epoch), now_s);
+    }
+
+    /// Forgets the streams last used more than `horizon_s` before `now_s`
+    /// that have no claim beyond what is stored (no insert in flight).
+    /// Returns how many were forgotten.
+    pub fn evict_idle(&mut self, now_s: u64, horizon_s: u64) -> usize {
+        let idle: Vec<StreamKey> = self
+            .claimed
+            .keys()
+            .filter(|k| self.used.get(*k).is_none_or(|&t| now_s.saturating_sub(t) > horizon_s))
+            .filter(|k| self.claimed.get(*k) == self.stored.get(*k))
+            .cloned()
+            .collect();
+        for k in &idle {
+            self.claimed.remove(k);
+            self.stored.remove(k);
+            self.used.remove(k);
+        }
+        idle.len()
+    }
+
     /// Number of `(client_id, epoch)` streams and of stored intervals.
     #[must_use]
     pub fn size(&self) -> (usize, usize) {
@@ -214,6 +247,19 @@ mod tests {
             s.insert(a, b);
         }
         s
+    }
+
+    #[test]
+    fn idle_streams_are_forgotten_after_the_horizon_but_not_with_a_claim_in_flight() {
+        let mut d = DedupState::new();
+        d.mark_stored("a", 1, 1, 10);
+        d.touch("a", 1, 100);
+        assert_eq!(d.claim("b", 1, 1, 10), vec![(1, 10)]);
+        d.touch("b", 1, 100);
+        assert_eq!(d.evict_idle(150, 60), 0, "both used within the horizon");
+        assert_eq!(d.evict_idle(200, 60), 1, "a is idle; b has an insert in flight");
+        assert_eq!(d.claim("a", 1, 1, 10), vec![(1, 10)], "a forgotten: a replay is inserted again");
+        assert_eq!(d.claim("b", 1, 1, 10), vec![], "b's claim still holds");
     }
 
     #[test]

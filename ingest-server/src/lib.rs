@@ -78,6 +78,24 @@ pub enum RunError {
     },
 }
 
+/// Drops `ingested_ranges` partitions beyond the dedup horizon, at start
+/// and hourly, until `stop`.
+async fn expire_ranges(writer: Arc<writer::Writer>, horizon_days: u32, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match writer.drop_expired_ranges(horizon_days).await {
+            Ok(_) | Err(store::StoreError::Stopped) => {}
+            Err(store::StoreError::Permanent(error)) => {
+                tracing::warn!(%error, "cannot drop expired stored ranges; retried in an hour");
+            }
+        }
+    }
+}
+
 /// Runs the server until `shutdown` is cancelled, then flushes the pending
 /// batch, acks what was stored and returns.
 ///
@@ -160,20 +178,16 @@ async fn serve(
         &config.mqtt_client_id,
         ledger.clone(),
     ));
-    let mut dedup = dedup::DedupState::new();
     let loaded = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
-        loaded = writer.load_ranges() => match loaded {
+        loaded = writer.load_ranges(config.dedup_horizon_days) => match loaded {
             Err(store::StoreError::Stopped) => return Ok(()),
             other => other?,
         },
     };
-    for r in &loaded {
-        dedup.load_stored(&r.client_id, r.epoch, r.first_seq, r.last_seq);
-    }
-    let (streams, intervals) = dedup.size();
-    tracing::info!(rows = loaded.len(), streams, intervals, "stored ranges loaded");
-    drop(loaded);
+    let (streams, intervals) = loaded.size();
+    tracing::info!(streams, intervals, horizon_days = config.dedup_horizon_days, "stored ranges loaded");
+    let dedup = loaded;
     let dedup = Arc::new(Mutex::new(dedup));
 
     if !config.http_address.is_empty() {
@@ -198,6 +212,7 @@ async fn serve(
         ledger,
     );
     tracker.spawn(roller.run(shutdown.clone()));
+    tracker.spawn(expire_ranges(writer.clone(), config.dedup_horizon_days, shutdown.clone()));
 
     let topics = subscriber::Topics::new(&config.topic_prefix);
     let (client, eventloop) = subscriber::connect(config)?;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub insert_retries: Family<TableLabel, Counter>,
     /// Rollup passes or markers that failed permanently (raw data unaffected).
     pub rollup_errors: Counter,
+    /// Streams forgotten by the dedup memory after the horizon.
+    pub dedup_streams_evicted: Counter,
     /// Jobs whose readings were split into several INSERTs (too many daily partitions).
     pub split_inserts: Counter,
     /// Rollup passes run.
@@ -120,6 +122,7 @@ impl Metrics {
             insert_retries: Family::default(),
             rollup_errors: Counter::default(),
             split_inserts: Counter::default(),
+            dedup_streams_evicted: Counter::default(),
             rollup_passes: Counter::default(),
             rollup_markers: Counter::default(),
             rollup_markers_spared: Counter::default(),
@@ -156,6 +159,11 @@ impl Metrics {
         registry.register("dead_letters", "Messages written to ingest_errors, by reason", m.dead_letters.clone());
         registry.register("insert_retries", "ClickHouse requests retried, by table", m.insert_retries.clone());
         registry.register("rollup_errors", "Rollup passes or markers that failed permanently", m.rollup_errors.clone());
+        registry.register(
+            "dedup_streams_evicted",
+            "Streams forgotten by the dedup memory after the horizon",
+            m.dedup_streams_evicted.clone(),
+        );
         registry.register(
             "split_inserts",
             "Jobs whose readings were split into several INSERTs to bound the partitions each touches",

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::deadletter::{unix_seconds, DeadLetter, DeadLetterRow};
+use crate::dedup::DedupState;
 use crate::job::{Job, Outcome};
 use crate::metrics::reason;
 use crate::rollup::{self, MarkerRow, Touched};
@@ -313,13 +314,54 @@ impl Writer {
         Ok(())
     }
 
-    /// Every stored range, for the dedup state at start.
+    /// The dedup state at start: every range stored within the last
+    /// `horizon_days`, streamed into it (never all rows in memory at once).
     ///
     /// # Errors
     /// See [`Store::retry`].
-    pub async fn load_ranges(&self) -> Result<Vec<StoredRange>, StoreError> {
-        let sql = format!("SELECT client_id, epoch, first_seq, last_seq FROM {}", self.store.tables().ingested_ranges);
-        self.store.retry("ingested_ranges", || self.store.client().query(&sql).fetch_all::<StoredRange>()).await
+    pub async fn load_ranges(&self, horizon_days: u32) -> Result<DedupState, StoreError> {
+        let sql = format!(
+            "SELECT client_id, epoch, first_seq, last_seq FROM {} WHERE inserted_at >= now() - toIntervalDay(?)",
+            self.store.tables().ingested_ranges
+        );
+        let now = u64::from(unix_seconds());
+        self.store
+            .retry("ingested_ranges", || async {
+                let mut state = DedupState::new();
+                let mut cursor = self.store.client().query(&sql).bind(horizon_days).fetch::<StoredRange>()?;
+                while let Some(r) = cursor.next().await? {
+                    state.load_stored(&r.client_id, r.epoch, r.first_seq, r.last_seq);
+                    state.touch(&r.client_id, r.epoch, now);
+                }
+                Ok(state)
+            })
+            .await
+    }
+
+    /// Drops the monthly partitions of `ingested_ranges` that lie wholly
+    /// before the dedup horizon (works on 18.16, which has no TTL). Returns
+    /// the partitions dropped.
+    ///
+    /// # Errors
+    /// See [`Store::retry`].
+    pub async fn drop_expired_ranges(&self, horizon_days: u32) -> Result<Vec<String>, StoreError> {
+        let tables = self.store.tables();
+        let sql = "SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = 'ingested_ranges' \
+                   AND active AND partition < toString(toYYYYMM(now() - toIntervalDay(?))) ORDER BY partition";
+        let expired: Vec<String> = self
+            .store
+            .retry("ingested_ranges", || {
+                self.store.client().query(sql).bind(tables.database.as_str()).bind(horizon_days).fetch_all::<String>()
+            })
+            .await?;
+        // Partition ids of toYYYYMM are digits; anything else is not ours to drop.
+        let expired: Vec<String> = expired.into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())).collect();
+        for partition in &expired {
+            let drop = format!("ALTER TABLE {} DROP PARTITION {partition}", tables.ingested_ranges);
+            self.store.retry("ingested_ranges", || self.store.client().query(&drop).execute()).await?;
+            tracing::info!(partition, horizon_days, "stored ranges older than the dedup horizon dropped");
+        }
+        Ok(expired)
     }
 }
 

@@ -441,6 +441,54 @@ async fn a_device_with_a_bad_clock_spanning_300_days_is_stored_in_bounded_insert
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_ranges_beyond_the_dedup_horizon_are_dropped_and_not_loaded() {
+    // Two streams whose ranges were stored long ago (January 2023) and today.
+    // At start the server drops the old month's partition and loads only the
+    // recent range: a replay of the recent stream is a duplicate, a replay of
+    // the old one is inserted again, and its identity still counts it once.
+    let Some(world) = World::new() else { return };
+    let tables = ingest_server::schema::Tables::new(&world.database);
+    for statement in ingest_server::schema::ddl(ingest_server::schema::Flavor::Legacy, &tables, 0) {
+        world.ch().query(&statement).execute().await.unwrap();
+    }
+    let ranges = format!(
+        "INSERT INTO {} (client_id, epoch, first_seq, last_seq, inserted_at) VALUES \
+         ('dev-old', 1, 1, 100, toDateTime('2023-01-15 00:00:00')), ('dev-new', 1, 1, 100, now())",
+        tables.ingested_ranges
+    );
+    world.ch().query(&ranges).execute().await.unwrap();
+    // The old stream's readings were stored back then, too.
+    let old = batch("dev-old", 1, 1, 100);
+    let values: Vec<String> = old
+        .readings_with_seq()
+        .map(|(seq, r)| format!("('dev-old', '{}', {}, {}, 1, {seq})", r.sensor, r.ts, r.value))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES {}",
+        tables.readings,
+        values.join(", ")
+    );
+    world.ch().query(&sql).execute().await.unwrap();
+
+    let server = Server::start(world.config()).await;
+    let left = "SELECT count() FROM DB.ingested_ranges WHERE client_id = 'dev-old'";
+    harness::wait_for_async("the old month dropped", Duration::from_secs(20), || async {
+        world.count(left).await == 0
+    })
+    .await;
+    let agent = Agent::connect(&world).await;
+    agent.publish(&[batch("dev-new", 1, 1, 100), old]).await;
+    agent.flushed().await;
+    let m = server.metrics.clone();
+    harness::wait_for("both handled", Duration::from_secs(20), || m.acked_messages.get() == 2).await;
+    assert_eq!(m.duplicate_readings.get(), 100, "the recent range was loaded: its replay is a duplicate");
+    assert_eq!(m.inserted_readings.get(), 100, "the old one was not: inserted again");
+    assert_eq!(world.count("SELECT count() FROM (SELECT DISTINCT client_id, sensor, ts FROM DB.readings WHERE client_id = 'dev-old')").await, 100);
+    world.assert_rollup_exact().await;
+    server.stop().await;
+}
+
 /// Replaces each `?` in `sql` with the next literal.
 fn substitute(sql: &str, literals: &[String]) -> String {
     let mut out = String::new();
