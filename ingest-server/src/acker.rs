@@ -45,13 +45,34 @@ pub struct Acker {
     pub topics: Topics,
     /// The current MQTT connection.
     pub generation: Generation,
+    /// An insert not completed after this long is a stall: logged, counted,
+    /// and reported by `/healthz` until it completes.
+    pub stall_after: std::time::Duration,
 }
 
 impl Acker {
     /// Completes in-flight jobs until the channel closes.
     pub async fn run(self, mut rx: mpsc::Receiver<InFlight>) {
-        while let Some((handle, claims)) = rx.recv().await {
-            let outcome = match handle.await {
+        while let Some((mut handle, claims)) = rx.recv().await {
+            let mut waited = std::time::Duration::ZERO;
+            let joined = loop {
+                tokio::select! {
+                    joined = &mut handle => break joined,
+                    () = tokio::time::sleep(self.stall_after) => {
+                        waited += self.stall_after;
+                        if self.metrics.insert_stalled.get() == 0 {
+                            self.metrics.insert_stalls.inc();
+                        }
+                        self.metrics.insert_stalled.set(1);
+                        tracing::warn!(waited_s = waited.as_secs(), "no insert completed for this long: ClickHouse is slow or down (retrying; nothing is acked meanwhile)");
+                    }
+                }
+            };
+            if self.metrics.insert_stalled.get() == 1 {
+                tracing::info!(waited_s = waited.as_secs(), "inserts complete again");
+            }
+            self.metrics.insert_stalled.set(0);
+            let outcome = match joined {
                 Ok(outcome) => outcome,
                 Err(error) => {
                     // The store task panicked or was aborted: its messages stay

@@ -18,10 +18,23 @@ use crate::metrics::Metrics;
 pub fn router(metrics: Arc<Metrics>, api: Api) -> Router {
     Router::new()
         .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .with_state(metrics)
         .nest("/api", api.router())
         .merge(crate::dashboard::router())
+}
+
+/// 200 `ok`, or 503 while inserts are stalled (the process is alive; the
+/// stage behind it is not making progress).
+async fn healthz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.insert_stalled.get() == 1 {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "stalled: no insert completed for insert_timeout_secs (ClickHouse slow or down)\n",
+        )
+    } else {
+        (axum::http::StatusCode::OK, "ok\n")
+    }
 }
 
 async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -33,5 +46,22 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, api
     let result = axum::serve(listener, router(metrics, api)).with_graceful_shutdown(stop.cancelled_owned()).await;
     if let Err(error) = result {
         tracing::error!(%error, "HTTP listener failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn healthz_is_503_while_inserts_are_stalled() {
+        let metrics = Arc::new(Metrics::new());
+        let status = |m: &Arc<Metrics>| {
+            let m = m.clone();
+            async move { healthz(State(m)).await.into_response().status() }
+        };
+        assert_eq!(status(&metrics).await, axum::http::StatusCode::OK);
+        metrics.insert_stalled.set(1);
+        assert_eq!(status(&metrics).await, axum::http::StatusCode::SERVICE_UNAVAILABLE);
     }
 }

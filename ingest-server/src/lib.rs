@@ -232,8 +232,14 @@ async fn serve(
     ));
 
     let (inflight_tx, inflight_rx) = mpsc::channel(config.max_inflight_inserts);
-    let acker =
-        acker::Acker { client: client.clone(), dedup: dedup.clone(), metrics: metrics.clone(), topics, generation };
+    let acker = acker::Acker {
+        client: client.clone(),
+        dedup: dedup.clone(),
+        metrics: metrics.clone(),
+        topics,
+        generation,
+        stall_after: Duration::from_secs(config.insert_timeout_secs.max(1)),
+    };
     let acker = tracker.spawn(acker.run(inflight_rx));
     let batcher = batcher::Batcher::new(config, dedup, metrics, writer, inflight_tx, hard_stop.clone());
     tracing::info!(client_id = %config.mqtt_client_id, prefix = %config.topic_prefix,

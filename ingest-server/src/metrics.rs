@@ -75,6 +75,11 @@ pub struct Metrics {
     pub mqtt_sessions_lost: Counter,
     /// Messages received from the broker, not yet taken by the batcher.
     pub inbound_queue: Gauge,
+    /// 1 while the oldest insert has not completed for `insert_timeout_secs`
+    /// (ClickHouse slow or down; `/healthz` answers 503 meanwhile).
+    pub insert_stalled: Gauge,
+    /// Times an insert took longer than `insert_timeout_secs` to complete.
+    pub insert_stalls: Counter,
     /// MQTT messages PUBACKed.
     pub acked_messages: Counter,
     /// Ingest acks published on `<prefix>/ack/<client_id>`.
@@ -132,6 +137,8 @@ impl Metrics {
             stale_pubacks: Counter::default(),
             mqtt_sessions_lost: Counter::default(),
             inbound_queue: Gauge::default(),
+            insert_stalled: Gauge::default(),
+            insert_stalls: Counter::default(),
             acked_messages: Counter::default(),
             acks_published: Counter::default(),
             mqtt_connection_errors: Counter::default(),
@@ -198,6 +205,16 @@ impl Metrics {
             m.mqtt_sessions_lost.clone(),
         );
         registry.register("inbound_queue", "Messages received, not yet taken by the batcher", m.inbound_queue.clone());
+        registry.register(
+            "insert_stalled",
+            "1 while the oldest insert has not completed for insert_timeout_secs",
+            m.insert_stalled.clone(),
+        );
+        registry.register(
+            "insert_stalls",
+            "Inserts that took longer than insert_timeout_secs",
+            m.insert_stalls.clone(),
+        );
         registry.register("acked_messages", "MQTT messages PUBACKed after their insert", m.acked_messages.clone());
         registry.register("acks_published", "Ingest acks published to agents", m.acks_published.clone());
         registry.register("mqtt_connection_errors", "MQTT connection errors", m.mqtt_connection_errors.clone());

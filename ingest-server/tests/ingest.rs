@@ -209,7 +209,7 @@ async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
     let Some(world) = World::new() else { return };
     let clickhouse = test_support::PrivateService::start(test_support::Service::ClickHouse);
     let world = World { ch_url: clickhouse.http_url(), ..world };
-    let config = ingest_server::Config { mqtt_keep_alive_secs: 5, insert_timeout_secs: 60, ..world.config() };
+    let config = ingest_server::Config { mqtt_keep_alive_secs: 5, insert_timeout_secs: 5, ..world.config() };
     let server = Server::start(config).await;
     let agent = Agent::connect(&world).await;
     let m = server.metrics.clone();
@@ -227,6 +227,8 @@ async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
     tokio::time::sleep(Duration::from_secs(16)).await; // > 3 keep-alives (5 s): the broker's limit is 1.5
     assert_eq!(m.inserted_readings.get(), 0, "ClickHouse was frozen: the fault window was hit");
     assert_eq!(m.mqtt_connection_errors.get(), 0, "the broker never dropped the server");
+    assert_eq!(m.insert_stalled.get(), 1, "the stall is reported (log, /healthz)");
+    assert!(m.insert_stalls.get() >= 1);
     clickhouse.thaw();
 
     world.wait_stored(3000, Duration::from_secs(60)).await;
@@ -234,6 +236,7 @@ async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
     agent.wait_acked("dev-hang", &[range(3, 1, 3000)], Duration::from_secs(20)).await;
     assert_eq!(m.mqtt_connection_errors.get(), 0, "no reconnect after the thaw either");
     assert_eq!(m.stale_pubacks.get(), 0);
+    assert_eq!(m.insert_stalled.get(), 0, "healthy again");
     server.stop().await;
 }
 
