@@ -633,12 +633,7 @@ fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_
 fn has_chdb() -> bool {
     let has =
         std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
-    if !has {
-        let msg = "chdb is not installed; run ingest-server/tests/chdb/install.sh";
-        assert!(!test_support::under_ci(), "{msg} (CI=true: a missing chdb fails the test)");
-        eprintln!("SKIPPED: {msg}");
-    }
-    has
+    test_support::require(has, "chdb is not installed; run ingest-server/tests/chdb/install.sh")
 }
 
 /// Runs `statements` in chdb (`tests/chdb/run_sql.py`).
