@@ -201,11 +201,12 @@ async fn clickhouse_down_for_20_s_loses_nothing_and_counts_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
-    // ClickHouse frozen (SIGSTOP) for three keep-alive periods while 1,500
+    // ClickHouse frozen (SIGSTOP) for three keep-alive periods while 6,000
     // messages arrive: the server keeps polling (PINGREQ goes out), so the
     // broker never drops it; everything is stored after the thaw without a
-    // reconnect. (A poll task that waited on a full channel was dropped by
-    // the broker here, and its whole backlog was redelivered.)
+    // reconnect. Checked against the code before the fix (410b471): its poll
+    // task waited on a full channel, the broker dropped it, and the count of
+    // connection errors after the thaw was 1.
     let Some(world) = World::new() else { return };
     let clickhouse = test_support::PrivateService::start(test_support::Service::ClickHouse);
     let world = World { ch_url: clickhouse.http_url(), ..world };
@@ -215,13 +216,13 @@ async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
     let m = server.metrics.clone();
 
     clickhouse.freeze();
-    let all = batches("dev-hang", 3, 1, 3000, 2);
+    let all = batches("dev-hang", 3, 1, 12_000, 2);
     for chunk in all.chunks(100) {
         agent.publish(chunk).await;
     }
     agent.flushed().await;
     harness::wait_for("every message received", Duration::from_secs(20), || {
-        m.received_messages.get_or_create(&ingest_server::metrics::KindLabel { kind: "batch".into() }).get() >= 1500
+        m.received_messages.get_or_create(&ingest_server::metrics::KindLabel { kind: "batch".into() }).get() >= 6000
     })
     .await;
     tokio::time::sleep(Duration::from_secs(16)).await; // > 3 keep-alives (5 s): the broker's limit is 1.5
@@ -231,9 +232,9 @@ async fn a_hung_clickhouse_never_costs_the_mqtt_connection() {
     assert!(m.insert_stalls.get() >= 1);
     clickhouse.thaw();
 
-    world.wait_stored(3000, Duration::from_secs(60)).await;
+    world.wait_stored(12_000, Duration::from_secs(60)).await;
     world.assert_rollup_exact().await;
-    agent.wait_acked("dev-hang", &[range(3, 1, 3000)], Duration::from_secs(20)).await;
+    agent.wait_acked("dev-hang", &[range(3, 1, 12_000)], Duration::from_secs(20)).await;
     assert_eq!(m.mqtt_connection_errors.get(), 0, "no reconnect after the thaw either");
     assert_eq!(m.stale_pubacks.get(), 0);
     assert_eq!(m.insert_stalled.get(), 0, "healthy again");
