@@ -28,7 +28,7 @@ use telemetry_wire::{IngestAck, SeqRange};
 use tokio::sync::mpsc;
 
 use crate::dedup::DedupState;
-use crate::job::{InFlight, Job};
+use crate::job::{Claim, InFlight};
 use crate::metrics::Metrics;
 use crate::subscriber::{Generation, Topics};
 
@@ -81,10 +81,7 @@ impl Acker {
                     tracing::error!(%error, "insert task failed; its messages are left for redelivery");
                     self.metrics.inflight_inserts.dec();
                     self.metrics.insert_task_failures.inc();
-                    let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-                    for (client_id, epoch, lo, hi) in claims {
-                        dedup.release(&client_id, epoch, lo, hi);
-                    }
+                    self.release(&claims);
                     continue;
                 }
             };
@@ -92,22 +89,18 @@ impl Acker {
             let job = outcome.job;
             if outcome.abandoned {
                 tracing::warn!(messages = job.messages.len(), "batch abandoned; left for redelivery");
-                for _ in &job.messages {
-                    self.metrics.unacked_messages.dec();
-                }
-                self.release(&job);
+                self.metrics.unacked_messages.dec_by(job.messages.len() as i64);
+                self.release(&claims);
                 continue;
             }
             let acks = {
                 // Invariant: plain map operations; see batcher.
                 let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-                for part in &job.parts {
-                    for &(lo, hi) in &part.fresh {
-                        if outcome.stored {
-                            dedup.mark_stored(&part.batch.client_id, part.batch.epoch, lo, hi);
-                        } else {
-                            dedup.release(&part.batch.client_id, part.batch.epoch, lo, hi);
-                        }
+                for (client_id, epoch, lo, hi) in &claims {
+                    if outcome.stored {
+                        dedup.mark_stored(client_id, *epoch, *lo, *hi);
+                    } else {
+                        dedup.release(client_id, *epoch, *lo, *hi);
                     }
                 }
                 let mut per_client: BTreeMap<&str, Vec<SeqRange>> = BTreeMap::new();
@@ -126,8 +119,8 @@ impl Acker {
             };
             // PUBACK first: the broker may forget these messages now.
             let mut stale = 0u64;
+            self.metrics.unacked_messages.dec_by(job.messages.len() as i64);
             for message in &job.messages {
-                self.metrics.unacked_messages.dec();
                 if !self.generation.is_current(message.generation) {
                     stale += 1;
                     continue;
@@ -155,12 +148,12 @@ impl Acker {
         }
     }
 
-    fn release(&self, job: &Job) {
+    /// Gives back claims whose readings were not stored, so that their
+    /// redelivered copies are inserted, not skipped as duplicates.
+    fn release(&self, claims: &[Claim]) {
         let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-        for part in &job.parts {
-            for &(lo, hi) in &part.fresh {
-                dedup.release(&part.batch.client_id, part.batch.epoch, lo, hi);
-            }
+        for (client_id, epoch, lo, hi) in claims {
+            dedup.release(client_id, *epoch, *lo, *hi);
         }
     }
 }

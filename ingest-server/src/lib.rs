@@ -178,16 +178,15 @@ async fn serve(
         &config.mqtt_client_id,
         ledger.clone(),
     ));
-    let loaded = tokio::select! {
+    let dedup = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         loaded = writer.load_ranges(config.dedup_horizon_days) => match loaded {
             Err(store::StoreError::Stopped) => return Ok(()),
             other => other?,
         },
     };
-    let (streams, intervals) = loaded.size();
+    let (streams, intervals) = dedup.size();
     tracing::info!(streams, intervals, horizon_days = config.dedup_horizon_days, "stored ranges loaded");
-    let dedup = loaded;
     let dedup = Arc::new(Mutex::new(dedup));
 
     if !config.http_address.is_empty() {

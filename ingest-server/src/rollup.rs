@@ -106,6 +106,13 @@ impl Touched {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The UTC days of the touched minutes (the daily partitions of
+    /// `readings` that the readings behind them land in).
+    #[must_use]
+    pub fn days(&self) -> BTreeSet<i64> {
+        self.0.iter().map(|(_, minute)| i64::from(*minute).div_euclid(86_400)).collect()
+    }
 }
 
 /// The minute of a reading time (µs) as Unix seconds. Readings are between
@@ -517,7 +524,7 @@ impl Roller {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.pass(now_s()).await {
+            match self.pass(i64::from(crate::deadletter::unix_seconds())).await {
                 Ok(report) if report.markers > 0 => {
                     tracing::debug!(
                         markers = report.markers,
@@ -617,15 +624,6 @@ impl Roller {
     }
 }
 
-/// The server's clock, Unix seconds.
-#[must_use]
-pub fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +676,13 @@ mod tests {
         assert_eq!(runs.len(), 3);
         assert!(runs.iter().all(|r| r.clients.len() <= MAX_CLIENTS_PER_STATEMENT));
         assert_eq!(covered(&runs), many.into_iter().collect());
+    }
+
+    #[test]
+    fn the_days_of_touched_minutes_are_the_readings_partitions() {
+        let t = touched(&[("a", 86_340), ("a", 86_400), ("b", 86_400 * 5 + 60)]);
+        assert_eq!(t.days(), [0, 1, 5].into_iter().collect());
+        assert_eq!(crate::writer::day_of(i64::from(86_340u32) * 1_000_000 + 59_999_999), 0);
     }
 
     #[test]

@@ -229,7 +229,10 @@ impl Writer {
         if job.rows == 0 {
             return Outcome { job, stored: true, abandoned: false };
         }
-        match self.insert_readings(&job).await {
+        // One pass over the new readings: their minutes (rollup markers)
+        // also give the daily partitions the insert touches.
+        let touched = Touched::of(&job);
+        match self.insert_readings(&job, &touched.days()).await {
             Ok(()) => {}
             Err(StoreError::Permanent(error)) => {
                 let text = error.to_string();
@@ -259,7 +262,6 @@ impl Writer {
         self.store.metrics().inserted_readings.inc_by(job.rows as u64);
         // Asked only now that the readings are in: see MarkLedger.
         let asked = tokio::time::Instant::now();
-        let touched = Touched::of(&job);
         let need = self.ledger.lock().unwrap_or_else(PoisonError::into_inner).to_mark(&touched, asked);
         let m = self.store.metrics();
         m.rollup_markers.inc_by(need.len() as u64);
@@ -299,13 +301,11 @@ impl Writer {
     /// stall every client's readings behind that job. A retry repeats a
     /// group whole; readings already in from an earlier group collapse by
     /// identity.
-    async fn insert_readings(&self, job: &Job) -> Result<(), StoreError> {
-        let days: BTreeSet<i64> =
-            job.parts.iter().flat_map(|p| p.fresh_readings().map(|(_, r)| day_of(r.ts))).collect();
+    async fn insert_readings(&self, job: &Job, days: &BTreeSet<i64>) -> Result<(), StoreError> {
         if days.len() <= MAX_PARTITIONS_PER_INSERT {
             return self.store.retry("readings", || self.insert_readings_once(job, None)).await;
         }
-        let groups = partition_groups(&days);
+        let groups = partition_groups(days);
         tracing::info!(days = days.len(), inserts = groups.len(), "readings span many daily partitions; split");
         for group in &groups {
             self.store.retry("readings", || self.insert_readings_once(job, Some(group))).await?;

@@ -455,9 +455,7 @@ async fn api_numbers_match_clickhouse() {
 fn api_queries_run_on_current_clickhouse_in_chdb() {
     use ingest_server::api::queries;
     use ingest_server::schema::{ddl, Flavor, Tables};
-    let has_chdb =
-        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
-    if !test_support::require(has_chdb, "chdb is not installed; run ingest-server/tests/chdb/install.sh") {
+    if !harness::has_chdb() {
         return;
     }
     let tables = Tables::new("telemetry");
@@ -506,21 +504,9 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
         let sql = query.sql_display().to_string();
         let mut statements = setup.clone();
         statements.push(sql.clone());
-        let out = run_chdb(&statements);
+        let out = harness::run_chdb(&statements);
         assert!(out.contains(want), "{sql}\n=> {out:?}, want it to contain {want:?}");
     }
-}
-
-fn run_chdb(statements: &[String]) -> String {
-    let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join("statements.json");
-    std::fs::write(&file, serde_json::to_string(statements).expect("JSON")).expect("write statements");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chdb/run_sql.py");
-    let out = std::process::Command::new("python3").arg(script).arg(&file).output().expect("run python3");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "chdb run failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // ---- browser -------------------------------------------------------------------------

@@ -511,7 +511,7 @@ fn substitute(sql: &str, literals: &[String]) -> String {
 #[test]
 fn current_clickhouse_schema_runs_in_chdb() {
     use ingest_server::schema::{ddl, Flavor, Tables};
-    if !has_chdb() {
+    if !harness::has_chdb() {
         return;
     }
     // With a TTL (rows from 2023 would expire at once, so no data goes there)...
@@ -561,14 +561,14 @@ fn current_clickhouse_schema_runs_in_chdb() {
     let want = "2\t2\t1\t3\n1\t8\t8\t8\n";
     let mut before = statements.clone();
     before.push(live.clone());
-    assert_eq!(run_chdb(&before), want, "live view from raw rows (nothing folded in yet)");
+    assert_eq!(harness::run_chdb(&before), want, "live view from raw rows (nothing folded in yet)");
     let lit = |v: i64| v.to_string();
     let mut read = statements.clone();
     read.push(substitute(
         &ingest_server::rollup::pending_markers_sql(&tables),
         &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(100)],
     ));
-    let pending: Vec<(String, String)> = run_chdb(&read)
+    let pending: Vec<(String, String)> = harness::run_chdb(&read)
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
@@ -590,16 +590,16 @@ fn current_clickhouse_schema_runs_in_chdb() {
     statements.push(format!("SELECT client_id, epoch, first_seq, last_seq FROM {}", tables.ingested_ranges));
     let mut view = statements.clone();
     view.push(live);
-    assert_eq!(run_chdb(&view), want, "live view after the pass");
+    assert_eq!(harness::run_chdb(&view), want, "live view after the pass");
     statements.push(format!("SELECT count, avg, min, max, version FROM {} FINAL ORDER BY minute", tables.readings_1m));
-    assert_eq!(run_chdb(&statements), "2\t2\t1\t3\t2\n1\t8\t8\t8\t1\n", "rollup on current ClickHouse");
+    assert_eq!(harness::run_chdb(&statements), "2\t2\t1\t3\t2\n1\t8\t8\t8\t1\n", "rollup on current ClickHouse");
 }
 
 #[test]
 fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_ones() {
     use ingest_server::schema::{ddl, Flavor, Tables};
     use ingest_server::writer::MAX_PARTITIONS_PER_INSERT;
-    if !has_chdb() {
+    if !harness::has_chdb() {
         return;
     }
     let tables = Tables::new("telemetry");
@@ -618,7 +618,7 @@ fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_
     };
     let mut whole = ddl(Flavor::Current, &tables, 0);
     whole.push(rows(0..150));
-    let (ok, stderr) = try_chdb(&whole);
+    let (ok, stderr) = harness::try_chdb(&whole);
     assert!(!ok && stderr.contains("252"), "150 partitions in one INSERT must be refused (Code 252): {stderr}");
     let limit = i64::try_from(MAX_PARTITIONS_PER_INSERT).unwrap();
     let mut split = ddl(Flavor::Current, &tables, 0);
@@ -628,39 +628,7 @@ fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_
         from += limit;
     }
     split.push(format!("SELECT count() FROM {}", tables.readings));
-    assert_eq!(run_chdb(&split), "150\n", "inserts of at most {limit} partitions are taken");
-}
-
-fn has_chdb() -> bool {
-    let has =
-        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
-    test_support::require(has, "chdb is not installed; run ingest-server/tests/chdb/install.sh")
-}
-
-/// Runs `statements` in chdb (`tests/chdb/run_sql.py`).
-fn chdb(statements: &[String]) -> std::process::Output {
-    let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join("statements.json");
-    let json = format!("[{}]", statements.iter().map(|s| format!("{:?}", s)).collect::<Vec<_>>().join(","));
-    std::fs::write(&file, json).expect("write statements");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chdb/run_sql.py");
-    let out = std::process::Command::new("python3").arg(script).arg(&file).output().expect("run python3");
-    let _ = std::fs::remove_dir_all(&dir);
-    out
-}
-
-/// Whether all of `statements` succeeded in chdb, and its standard error.
-fn try_chdb(statements: &[String]) -> (bool, String) {
-    let out = chdb(statements);
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// Runs `statements` in chdb; the last one's TSV output.
-fn run_chdb(statements: &[String]) -> String {
-    let out = chdb(statements);
-    assert!(out.status.success(), "chdb run failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert_eq!(harness::run_chdb(&split), "150\n", "inserts of at most {limit} partitions are taken");
 }
 
 /// Not a timed test: prints throughput. Run with

@@ -427,3 +427,38 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+// ---- current ClickHouse, in-process (chdb) -------------------------------------
+
+/// Whether chdb (current ClickHouse in-process) is installed; a failure
+/// unless skips were asked for ([`test_support::require`]).
+pub fn has_chdb() -> bool {
+    let has =
+        std::process::Command::new("python3").args(["-c", "import chdb"]).output().is_ok_and(|o| o.status.success());
+    test_support::require(has, "chdb is not installed; run ingest-server/tests/chdb/install.sh")
+}
+
+/// Runs `statements` in chdb (`tests/chdb/run_sql.py`).
+pub fn chdb(statements: &[String]) -> std::process::Output {
+    let dir = std::env::temp_dir().join(test_support::unique_name("chdb"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("statements.json");
+    std::fs::write(&file, serde_json::to_string(statements).expect("JSON")).expect("write statements");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chdb/run_sql.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&file).output().expect("run python3");
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// Whether all of `statements` succeeded in chdb, and its standard error.
+pub fn try_chdb(statements: &[String]) -> (bool, String) {
+    let out = chdb(statements);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs `statements` in chdb; the last one's TSV output.
+pub fn run_chdb(statements: &[String]) -> String {
+    let out = chdb(statements);
+    assert!(out.status.success(), "chdb run failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
