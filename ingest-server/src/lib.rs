@@ -207,6 +207,7 @@ async fn serve(
             interval: Duration::from_millis(config.rollup_interval_ms),
             after_secs: config.rollup_after_secs,
             orphan_secs: config.rollup_orphan_secs,
+            consume_delay: rollup::CONSUME_DELAY,
         },
         ledger,
     );

@@ -438,11 +438,35 @@ pub fn bind_live_series(
     query.bind(limit)
 }
 
+/// A name in the `readings_1m_live` definition that only the current
+/// definition has: [`crate::schema::ensure`] replaces a view without it
+/// (a view holds no data).
+pub const LIVE_VIEW_MARK: &str = "raw_wins";
+
 /// The `readings_1m_live` view: every minute of every client, exact, for
-/// Grafana and ad-hoc SQL. The two sides read the pending set in separate
-/// subqueries; a minute marked during the query can show its previous
-/// rollup, or be counted from both sides for that one query (the API,
-/// which reads the pending set once, has no such window).
+/// Grafana and ad-hoc SQL.
+///
+/// The pending set is read once, by the raw side (`HAVING (client_id,
+/// minute) IN pending`), and the rollup side is not filtered by it: where
+/// both sides have a `(client_id, sensor, minute)`, the raw side wins. A
+/// minute pending when the set was read is answered from its raw rows, all
+/// of them (readings are inserted before their marker); any other minute
+/// from `readings_1m FINAL`, whose parts the query chose before it read the
+/// set. A pass consumes a marker only [`CONSUME_DELAY`] after writing the
+/// minute's rollup, so a minute the set no longer holds was written seconds
+/// before the query started. (Two reads of the set, one per side, let a
+/// minute consumed between them be answered from neither side: the CI
+/// flake that led here.) The raw side's pruning (clients and the oldest
+/// pending minute: further reads of the queue) can only drop a minute
+/// marked during the query, which then shows its previous rollup, as if
+/// the query ran before the new readings arrived.
+///
+/// Legacy (18.16) joins the raw side (built completely before the left
+/// side is read) onto the rollup; 18.16 pushes no `WHERE` into a view
+/// either way. Current ClickHouse pushes a `WHERE` on the key columns
+/// through `UNION ALL` and `GROUP BY` but not into a `FULL JOIN`
+/// (measured in chdb: 48 ms vs 1.1 s for one client over 13M rollup rows),
+/// so there the sides are a `UNION ALL` and `argMax(…, src)` picks.
 #[must_use]
 pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
     let pending = pending_pairs_sql(tables, "1");
@@ -452,22 +476,59 @@ pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
             format!("ts >= (SELECT toDateTime64(min(minute), 6, 'UTC') FROM ({pending}))")
         }
     };
-    format!(
-        "CREATE VIEW IF NOT EXISTS {view} AS
-SELECT client_id, sensor, minute, count, sum, avg, min, max FROM {rollup} FINAL
-WHERE (client_id, minute) NOT IN ({pending})
-UNION ALL
-SELECT client_id, sensor, {minute} AS minute, count() AS count, sum(value) AS sum, avg(value) AS avg,
-       min(value) AS min, max(value) AS max
-FROM {readings} FINAL
-WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
-GROUP BY client_id, sensor, minute
-HAVING (client_id, minute) IN ({pending})",
-        view = tables.readings_1m_live,
-        rollup = tables.readings_1m,
-        readings = tables.readings,
-        minute = flavor.minute_of_ts(),
-    )
+    // The raw side's aggregates named `{prefix}count`…, then `extra`.
+    let raw = |prefix: &str, extra: &str| {
+        format!(
+            "SELECT client_id, sensor, {minute} AS minute, count() AS {prefix}count, sum(value) AS {prefix}sum,
+           avg(value) AS {prefix}avg, min(value) AS {prefix}min, max(value) AS {prefix}max{extra}
+    FROM {readings} FINAL
+    WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
+    GROUP BY client_id, sensor, minute
+    HAVING (client_id, minute) IN ({pending})",
+            readings = tables.readings,
+            minute = flavor.minute_of_ts(),
+        )
+    };
+    let folded = |extra: &str| {
+        format!(
+            "SELECT client_id, sensor, minute, count AS f_count, sum AS f_sum, avg AS f_avg, min AS f_min,
+           max AS f_max{extra}
+    FROM {rollup} FINAL",
+            rollup = tables.readings_1m
+        )
+    };
+    let columns = ["count", "sum", "avg", "min", "max"];
+    let body = match flavor {
+        Flavor::Legacy => {
+            let pick: Vec<String> = columns.iter().map(|c| format!("if(r_count > 0, r_{c}, f_{c}) AS {c}")).collect();
+            format!(
+                "SELECT client_id, sensor, minute, {pick}
+FROM ({folded}) AS folded
+ALL FULL OUTER JOIN ({raw}) AS {LIVE_VIEW_MARK} USING (client_id, sensor, minute)",
+                pick = pick.join(", "),
+                folded = folded(""),
+                raw = raw("r_", ""),
+            )
+        }
+        Flavor::Current => {
+            let pick: Vec<String> =
+                columns.iter().enumerate().map(|(i, c)| format!("tupleElement(p, {}) AS {c}", i + 1)).collect();
+            format!(
+                "SELECT client_id, sensor, minute, {pick} FROM (
+    SELECT client_id, sensor, minute, argMax((f_count, f_sum, f_avg, f_min, f_max), src) AS p FROM (
+    {folded}
+    UNION ALL
+    {raw}
+    ) AS {LIVE_VIEW_MARK}
+    GROUP BY client_id, sensor, minute
+)",
+                pick = pick.join(", "),
+                folded = folded(", 0 AS src"),
+                raw = raw("f_", ", 1 AS src"),
+            )
+        }
+    };
+    format!("CREATE VIEW IF NOT EXISTS {view} AS\n{body}", view = tables.readings_1m_live)
 }
 
 /// Timing of the rollup passes.
@@ -479,7 +540,19 @@ pub struct Timing {
     pub after_secs: u64,
     /// Other servers' markers are adopted once this old.
     pub orphan_secs: u64,
+    /// Time between a pass's rollup insert and its consumption of the
+    /// markers ([`CONSUME_DELAY`] in production).
+    pub consume_delay: Duration,
 }
+
+/// How long a pass waits between writing a minute's rollup and consuming
+/// its markers. A query of `readings_1m_live` chooses the rollup's parts
+/// when its pipeline is built and reads the pending set just after
+/// ([`live_view_sql`]); a minute consumed in between would show a rollup
+/// older than the pass's. The delay makes that need a gap of seconds
+/// inside one query's start-up instead of milliseconds. A stop during the
+/// wait leaves the markers pending: the minute is folded again, harmlessly.
+pub const CONSUME_DELAY: Duration = Duration::from_secs(2);
 
 /// Folds closed minutes into `readings_1m`, one pass per interval.
 #[derive(Debug)]
@@ -609,7 +682,10 @@ impl Roller {
                 })
                 .await?;
         }
-        // Only now: every marker read was covered by a recompute that ran after it.
+        // Only now: every marker read was covered by a recompute that ran
+        // after it, and readers that chose the rollup's parts before the
+        // recompute have read the pending set (see CONSUME_DELAY).
+        self.store.pause(self.timing.consume_delay).await?;
         self.store
             .retry("rollup_queue", || async {
                 let mut insert = client.insert_unescaped::<QueueRow>(&tables.rollup_queue).await?;

@@ -303,8 +303,27 @@ pub async fn ensure(
     tables: &Tables,
     retention_days: u32,
 ) -> Result<(), clickhouse::error::Error> {
+    replace_outdated_view(client, tables).await?;
     for statement in ddl(flavor, tables, retention_days) {
         client.query(&statement).execute().await?;
+    }
+    Ok(())
+}
+
+/// Drops `readings_1m_live` if an older release created it (its definition
+/// lacks [`crate::rollup::LIVE_VIEW_MARK`]), so that [`ensure`] creates the
+/// current one: a view holds no data, and 18.16 has no `CREATE OR REPLACE
+/// VIEW`. Servers starting together may each drop and create it; all create
+/// the same definition.
+async fn replace_outdated_view(client: &Client, tables: &Tables) -> Result<(), clickhouse::error::Error> {
+    let existing: Vec<String> = client
+        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = 'readings_1m_live'")
+        .bind(tables.database.as_str())
+        .fetch_all()
+        .await?;
+    if existing.iter().any(|definition| !definition.contains(crate::rollup::LIVE_VIEW_MARK)) {
+        tracing::info!(view = %tables.readings_1m_live, "replacing the live rollup view created by an older release");
+        client.query(&format!("DROP TABLE IF EXISTS {}", tables.readings_1m_live)).execute().await?;
     }
     Ok(())
 }

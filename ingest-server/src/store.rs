@@ -171,6 +171,17 @@ impl Store {
         &self.metrics
     }
 
+    /// Waits `delay`, or less if the stop token is cancelled first.
+    ///
+    /// # Errors
+    /// [`StoreError::Stopped`] when the stop token ended the wait.
+    pub async fn pause(&self, delay: Duration) -> Result<(), StoreError> {
+        tokio::select! {
+            () = self.stop.cancelled() => Err(StoreError::Stopped),
+            () = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
     /// Runs `attempt` until it succeeds, fails permanently, or the stop token.
     ///
     /// # Errors

@@ -388,6 +388,100 @@ async fn open_minutes_are_answered_from_raw_rows_until_a_pass_folds_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_view_stays_exact_while_passes_fold_minutes() {
+    // Each batch is exactly one client-minute (600 readings, 200 per
+    // sensor), so any row the view shows must count 200; a minute acked
+    // before a query must be in it. Passes run every 50 ms and consume
+    // markers while queries run: a view that reads the pending set twice
+    // answers a minute consumed in between from neither side (or from both).
+    let Some(world) = World::new() else { return };
+    let config = ingest_server::Config { rollup_interval_ms: 50, batch_max_delay_ms: 50, ..world.config() };
+    let server = Server::start(config).await;
+    let agent = std::sync::Arc::new(Agent::connect(&world).await);
+    // BASE_TS is 20 s into its minute: seq 400 starts the next one.
+    let minute_seqs = |k: u64| (400 + 600 * k, 999 + 600 * k);
+    let (clients, minutes) = (4u64, 30u64);
+    let publisher = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            for k in 0..minutes {
+                for c in 0..clients {
+                    let (first, last) = minute_seqs(k);
+                    agent.publish(&[batch(&format!("dev-live{c}"), 3, first, last)]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    let sql =
+        format!("SELECT client_id, sensor, toUInt32(minute) AS m, count FROM `{}`.readings_1m_live", world.database);
+    let (mut queries, mut seen_rows) = (0u64, 0usize);
+    loop {
+        let acked: Vec<(String, u64)> = agent
+            .acked()
+            .into_iter()
+            .flat_map(|(c, ranges)| {
+                ranges.into_iter().flat_map(move |r| {
+                    let c = c.clone();
+                    (0..minutes)
+                        .filter(move |&k| r.first_seq <= minute_seqs(k).0 && minute_seqs(k).1 <= r.last_seq)
+                        .map(move |k| (c.clone(), k))
+                })
+            })
+            .collect();
+        let rows: Vec<(String, String, u32, u64)> =
+            world.ch().query(&sql).fetch_all().await.expect("query the live view");
+        queries += 1;
+        seen_rows = seen_rows.max(rows.len());
+        for (c, sensor, m, count) in &rows {
+            assert_eq!(*count, 200, "query {queries}: {c} {sensor} minute {m} counts {count}, not 200");
+        }
+        for (c, k) in &acked {
+            let start =
+                u32::try_from((harness::BASE_TS / 1_000_000) + i64::try_from(minute_seqs(*k).0 / 10).unwrap()).unwrap();
+            let shown = rows.iter().filter(|(rc, _, m, _)| rc == c && *m == start).count();
+            assert_eq!(
+                shown, 3,
+                "query {queries}: {c} minute {k} was acked before the query, the view shows {shown} of 3 sensors"
+            );
+        }
+        let done =
+            publisher.is_finished() && acked.len() as u64 == clients * minutes && world.pending_markers().await == 0;
+        if done {
+            break;
+        }
+        assert!(queries < 5_000, "not done after {queries} queries");
+    }
+    eprintln!("{queries} queries of the live view while passes folded; up to {seen_rows} rows");
+    assert!(queries >= 20, "the queries overlapped the passes ({queries})");
+    assert_eq!(seen_rows as u64, clients * minutes * 3);
+    world.assert_rollup_exact().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_view_from_an_older_release_is_replaced_at_start() {
+    let Some(world) = World::new() else { return };
+    let ch = world.ch();
+    let db = &world.database;
+    ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{db}`")).execute().await.expect("create database");
+    ch.query(&format!("CREATE VIEW `{db}`.readings_1m_live AS SELECT 1 AS outdated"))
+        .execute()
+        .await
+        .expect("old view");
+    let server = Server::start(world.config()).await;
+    let definition: String = ch
+        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = 'readings_1m_live'")
+        .bind(db.as_str())
+        .fetch_one()
+        .await
+        .expect("the view exists");
+    assert!(definition.contains(ingest_server::rollup::LIVE_VIEW_MARK), "replaced: {definition}");
+    assert_eq!(world.count("SELECT count() FROM DB.readings_1m_live").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_is_marked_once_per_server_until_a_pass_may_read_it() {
     // Readings of the current minute in many jobs: while no pass may read
     // that minute (rollup_after_secs = 600), one marker covers every later
@@ -589,8 +683,26 @@ fn current_clickhouse_schema_runs_in_chdb() {
     }
     statements.push(format!("SELECT client_id, epoch, first_seq, last_seq FROM {}", tables.ingested_ranges));
     let mut view = statements.clone();
-    view.push(live);
+    view.push(live.clone());
     assert_eq!(harness::run_chdb(&view), want, "live view after the pass");
+    // A late reading re-marks the folded minute: its raw rows win over the
+    // (now stale) rollup row until the next pass.
+    view.pop();
+    view.push(format!(
+        "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES ('a', 's', {}, 5.0, 1, 4)",
+        tables.readings,
+        ts(base + 500_000)
+    ));
+    view.push(format!(
+        "INSERT INTO {} (client_id, minute, token, owner, marked_at, pending) VALUES ('a', {first_s}, 8, 'srv', now(), 1)",
+        tables.rollup_queue
+    ));
+    view.push(live);
+    assert_eq!(
+        harness::run_chdb(&view),
+        "3\t3\t1\t5\n1\t8\t8\t8\n",
+        "late reading: raw rows win over the stale rollup"
+    );
     statements.push(format!("SELECT count, avg, min, max, version FROM {} FINAL ORDER BY minute", tables.readings_1m));
     assert_eq!(harness::run_chdb(&statements), "2\t2\t1\t3\t2\n1\t8\t8\t8\t1\n", "rollup on current ClickHouse");
 }
