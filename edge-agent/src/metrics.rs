@@ -41,6 +41,9 @@ pub struct Metrics {
     pub readings_echoed: Counter,
     /// Readings confirmed by an ingest ack.
     pub readings_ingest_acked: Counter,
+    /// Readings the ingest server rejected for good (dead-lettered there):
+    /// deleted here, never stored in ClickHouse.
+    pub readings_rejected_by_ingest: Counter,
     /// Batches published again after their confirm timeout.
     pub batches_republished: Counter,
     /// Readings published again after a reconnect (replay from the outbox).
@@ -88,6 +91,7 @@ impl Default for Metrics {
             batches_published: Counter::default(),
             readings_echoed: Counter::default(),
             readings_ingest_acked: Counter::default(),
+            readings_rejected_by_ingest: Counter::default(),
             batches_republished: Counter::default(),
             readings_replayed: Counter::default(),
             rows_deleted: Counter::default(),
@@ -124,6 +128,11 @@ impl Metrics {
         r.register("batches_published", "Batch publications, republishes included", m.batches_published);
         r.register("readings_echoed", "Readings confirmed by echo", m.readings_echoed);
         r.register("readings_ingest_acked", "Readings confirmed by ingest ack", m.readings_ingest_acked);
+        r.register(
+            "readings_rejected_by_ingest",
+            "Readings the ingest server rejected for good (in its ingest_errors); deleted from the outbox",
+            m.readings_rejected_by_ingest,
+        );
         r.register("batches_republished", "Batches republished after confirm timeout", m.batches_republished);
         r.register("readings_replayed", "Readings replayed from the outbox after a reconnect", m.readings_replayed);
         r.register("rows_deleted", "Outbox rows deleted after confirmation", m.rows_deleted);

@@ -215,13 +215,18 @@ impl Publisher {
             MqttEvent::Message { topic, payload } => {
                 if topic == self.config.data_topic && self.config.confirm == ConfirmMode::Echo {
                     match Batch::decode_header(&payload, self.config.max_packet_bytes) {
-                        Ok((client_id, range)) if client_id == self.config.client_id => self.confirm(range),
+                        Ok((client_id, range)) if client_id == self.config.client_id => {
+                            self.confirm(range, Confirmation::Confirmed);
+                        }
                         Ok((client_id, _)) => tracing::warn!(%client_id, "batch of another client on our topic"),
                         Err(error) => tracing::warn!(%error, "undecodable message on our own topic"),
                     }
                 } else if topic == self.config.ack_topic && self.config.confirm == ConfirmMode::Ingest {
                     match IngestAck::decode(&payload, self.config.max_packet_bytes) {
-                        Ok(ack) => ack.ranges.into_iter().for_each(|r| self.confirm(r)),
+                        Ok(ack) => {
+                            ack.ranges.into_iter().for_each(|r| self.confirm(r, Confirmation::Confirmed));
+                            ack.rejected.into_iter().for_each(|r| self.confirm(r, Confirmation::Rejected));
+                        }
                         Err(error) => tracing::warn!(%error, "undecodable ingest ack"),
                     }
                 }
@@ -231,8 +236,10 @@ impl Publisher {
 
     /// A confirmation of `range`: delete exactly those rows; retire the
     /// in-flight batches it covers. A range of another epoch (an outbox that
-    /// was wiped) is ignored: those seqs mean other rows now.
-    fn confirm(&mut self, range: SeqRange) {
+    /// was wiped) is ignored: those seqs mean other rows now. A rejection
+    /// (the server dead-lettered those readings for good) deletes the same
+    /// way, since republishing cannot help, but is counted and logged apart.
+    fn confirm(&mut self, range: SeqRange, kind: Confirmation) {
         if range.epoch != self.config.epoch {
             self.shared.metrics.confirms_unmatched.inc();
             tracing::debug!(epoch = range.epoch, "confirmation for another outbox epoch ignored");
@@ -243,10 +250,23 @@ impl Publisher {
             self.shared.metrics.confirms_unmatched.inc();
         }
         let readings: u64 = retired.iter().map(|(_, b)| b.readings).sum();
-        match self.config.confirm {
-            ConfirmMode::Echo => self.shared.metrics.readings_echoed.inc_by(readings),
-            ConfirmMode::Ingest => self.shared.metrics.readings_ingest_acked.inc_by(readings),
-        };
+        match (kind, self.config.confirm) {
+            (Confirmation::Rejected, _) => {
+                self.shared.metrics.readings_rejected_by_ingest.inc_by(readings);
+                tracing::warn!(
+                    first_seq = range.first_seq,
+                    last_seq = range.last_seq,
+                    readings,
+                    "the ingest server rejected these readings for good (see its ingest_errors); deleted from the outbox"
+                );
+            }
+            (Confirmation::Confirmed, ConfirmMode::Echo) => {
+                self.shared.metrics.readings_echoed.inc_by(readings);
+            }
+            (Confirmation::Confirmed, ConfirmMode::Ingest) => {
+                self.shared.metrics.readings_ingest_acked.inc_by(readings);
+            }
+        }
         self.shared.metrics.inflight_batches.set(self.window.len() as i64);
         // Deleting rows that are already gone is harmless; the echo proves
         // the broker took exactly these seqs (seq → reading never changes).
@@ -472,4 +492,12 @@ impl Publisher {
             break;
         }
     }
+}
+/// What a confirmation says about its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Confirmation {
+    /// Stored (ingest ack) or taken by the broker (echo).
+    Confirmed,
+    /// Dead-lettered by the ingest server: never to be stored.
+    Rejected,
 }

@@ -310,23 +310,35 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-    let ack = |first_seq, last_seq| telemetry_wire::IngestAck {
-        ranges: vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq, last_seq }],
+    let ack = |first_seq, last_seq| {
+        telemetry_wire::IngestAck::stored(vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq, last_seq }])
     };
     let topic = format!("{prefix}/ack/dev-1");
     client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1001, 2000).encode()).await.unwrap();
     eventually(Duration::from_secs(10), "middle range deleted", || agent.shared.outbox_size().0 == 2000).await;
     // An ack for another epoch deletes nothing.
-    let foreign = telemetry_wire::IngestAck {
-        ranges: vec![telemetry_wire::SeqRange { epoch: agent.epoch ^ 1, first_seq: 1, last_seq: 3000 }],
-    };
+    let foreign = telemetry_wire::IngestAck::stored(vec![telemetry_wire::SeqRange {
+        epoch: agent.epoch ^ 1,
+        first_seq: 1,
+        last_seq: 3000,
+    }]);
     client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, foreign.encode()).await.unwrap();
     client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1, 1000).encode()).await.unwrap();
     eventually(Duration::from_secs(10), "first range deleted", || agent.shared.outbox_size().0 == 1000).await;
+    // Rejected for good by the server (dead-lettered there): deleted too,
+    // and counted apart from the stored ones.
+    let acked_before = agent.shared.metrics.readings_ingest_acked.get();
+    let rejected = telemetry_wire::IngestAck {
+        ranges: vec![],
+        rejected: vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq: 2001, last_seq: 2500 }],
+    };
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, rejected.encode()).await.unwrap();
+    eventually(Duration::from_secs(10), "rejected range deleted", || agent.shared.outbox_size().0 == 500).await;
+    assert_eq!(agent.shared.metrics.readings_ingest_acked.get(), acked_before, "a rejection is not a confirmation");
     let (pgc, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let row = pgc.query_one("SELECT min(seq), max(seq), count(*) FROM edge_agent.outbox", &[]).await.unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2001, 3000, 1000));
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2501, 3000, 500));
     agent.shutdown().await;
 }
 

@@ -19,6 +19,10 @@
 //!   insert.)
 //! - A failed insert task (a panic) releases its claims, so the redelivered
 //!   copies are stored, not skipped as duplicates.
+//! - Ranges ClickHouse refused for good ([`crate::job::Job::rejected`]: isolated by
+//!   bisection, dead-lettered) are released and named as rejected in the
+//!   ack, so that the agent deletes them and stops republishing; the rest
+//!   of the job is acked as stored.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -96,26 +100,35 @@ impl Acker {
             let acks = {
                 // Invariant: plain map operations; see batcher.
                 let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-                for (client_id, epoch, lo, hi) in &claims {
-                    if outcome.stored {
+                for claim @ (client_id, epoch, lo, hi) in &claims {
+                    if outcome.stored && !job.rejected.contains(claim) {
                         dedup.mark_stored(client_id, *epoch, *lo, *hi);
                     } else {
                         dedup.release(client_id, *epoch, *lo, *hi);
                     }
                 }
-                let mut per_client: BTreeMap<&str, Vec<SeqRange>> = BTreeMap::new();
+                let mut per_client: BTreeMap<&str, IngestAck> = BTreeMap::new();
                 for item in &job.acks {
                     let r = item.range;
                     for (first_seq, last_seq) in dedup.stored_within(&item.client_id, r.epoch, r.first_seq, r.last_seq)
                     {
-                        per_client.entry(&item.client_id).or_default().push(SeqRange {
+                        per_client.entry(&item.client_id).or_default().ranges.push(SeqRange {
                             epoch: r.epoch,
                             first_seq,
                             last_seq,
                         });
                     }
                 }
-                per_client.into_iter().map(|(c, ranges)| (c.to_owned(), merge(ranges))).collect::<Vec<_>>()
+                for (client_id, epoch, first_seq, last_seq) in &job.rejected {
+                    let range = SeqRange { epoch: *epoch, first_seq: *first_seq, last_seq: *last_seq };
+                    per_client.entry(client_id).or_default().rejected.push(range);
+                }
+                per_client
+                    .into_iter()
+                    .map(|(c, ack)| {
+                        (c.to_owned(), IngestAck { ranges: merge(ack.ranges), rejected: merge(ack.rejected) })
+                    })
+                    .collect::<Vec<_>>()
             };
             // PUBACK first: the broker may forget these messages now.
             let mut stale = 0u64;
@@ -134,8 +147,8 @@ impl Acker {
                 self.metrics.stale_pubacks.inc_by(stale);
                 tracing::info!(messages = stale, "stored, but delivered on a connection that is gone: not PUBACKed there; the broker redelivers them and they are acked as duplicates");
             }
-            for (client_id, ranges) in acks {
-                let payload = IngestAck { ranges }.encode();
+            for (client_id, ack) in acks {
+                let payload = ack.encode();
                 match self.client.publish(self.topics.ack(&client_id), QoS::AtLeastOnce, false, payload).await {
                     Ok(()) => {
                         self.metrics.acks_published.inc();

@@ -87,6 +87,11 @@ pub struct Config {
     pub retry_max_ms: u64,
     /// Timeout of one ClickHouse request, in seconds.
     pub insert_timeout_secs: u64,
+    /// Refusals with an error code of no known meaning (not outages, not
+    /// known overload) after which a job's readings insert is bisected to
+    /// the messages ClickHouse refuses; those are dead-lettered, the rest
+    /// stored.
+    pub insert_retry_budget: u32,
     /// Milliseconds between two rollup passes (each folds the closed
     /// minutes with pending markers into `readings_1m`).
     pub rollup_interval_ms: u64,
@@ -145,6 +150,7 @@ impl Default for Config {
             retry_min_ms: 100,
             retry_max_ms: 5000,
             insert_timeout_secs: 60,
+            insert_retry_budget: 3,
             dedup_horizon_days: 7,
             rollup_interval_ms: 2000,
             rollup_after_secs: 70,
@@ -252,6 +258,9 @@ impl Config {
         }
         if self.dedup_horizon_days == 0 {
             return Err(invalid("dedup_horizon_days", "must be at least 1"));
+        }
+        if self.insert_retry_budget == 0 {
+            return Err(invalid("insert_retry_budget", "must be at least 1"));
         }
         if self.rollup_interval_ms == 0 {
             return Err(invalid("rollup_interval_ms", "must be at least 1"));
@@ -373,6 +382,7 @@ overrides! {
     retry_min_ms: u64 => "INGEST_RETRY_MIN_MS",
     retry_max_ms: u64 => "INGEST_RETRY_MAX_MS",
     insert_timeout_secs: u64 => "INGEST_INSERT_TIMEOUT_SECS",
+    insert_retry_budget: u32 => "INGEST_INSERT_RETRY_BUDGET",
     dedup_horizon_days: u32 => "INGEST_DEDUP_HORIZON_DAYS",
     rollup_interval_ms: u64 => "INGEST_ROLLUP_INTERVAL_MS",
     rollup_after_secs: u64 => "INGEST_ROLLUP_AFTER_SECS",

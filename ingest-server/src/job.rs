@@ -66,6 +66,10 @@ pub struct Job {
     pub statuses: Vec<(AgentStatus, u32)>,
     /// Messages for `ingest_errors`.
     pub dead: Vec<DeadLetter>,
+    /// Ranges ClickHouse refused for good (their messages were isolated by
+    /// bisection and dead-lettered): released, and reported to their agents
+    /// as rejected.
+    pub rejected: Vec<Claim>,
     /// New readings in [`Job::parts`].
     pub rows: usize,
     /// Payload bytes of [`Job::messages`].

@@ -89,7 +89,7 @@ async fn expire_ranges(writer: Arc<writer::Writer>, horizon_days: u32, stop: Can
         }
         match writer.drop_expired_ranges(horizon_days).await {
             Ok(_) | Err(store::StoreError::Stopped) => {}
-            Err(store::StoreError::Permanent(error)) => {
+            Err(store::StoreError::Permanent(error) | store::StoreError::Exhausted { error, .. }) => {
                 tracing::warn!(%error, "cannot drop expired stored ranges; retried in an hour");
             }
         }

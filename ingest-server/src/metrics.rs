@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 /// Label set of [`Metrics::dead_letters`]: why a message was dead-lettered.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// A short fixed name, e.g. `truncated`, `client_id_mismatch`, `insert_permanent`.
+    /// A short fixed name, e.g. `truncated`, `client_id_mismatch`, `insert_rejected`.
     pub reason: String,
 }
 
@@ -57,6 +57,10 @@ pub struct Metrics {
     pub dedup_streams_evicted: Counter,
     /// Jobs whose readings were split into several INSERTs (too many daily partitions).
     pub split_inserts: Counter,
+    /// Jobs bisected because ClickHouse refused their readings for good.
+    pub insert_isolations: Counter,
+    /// Messages isolated by bisection and rejected (dead-lettered, reported to agents).
+    pub rejected_messages: Counter,
     /// Rollup passes run.
     pub rollup_passes: Counter,
     /// Rollup markers written.
@@ -127,6 +131,8 @@ impl Metrics {
             insert_retries: Family::default(),
             rollup_errors: Counter::default(),
             split_inserts: Counter::default(),
+            insert_isolations: Counter::default(),
+            rejected_messages: Counter::default(),
             dedup_streams_evicted: Counter::default(),
             rollup_passes: Counter::default(),
             rollup_markers: Counter::default(),
@@ -175,6 +181,16 @@ impl Metrics {
             "split_inserts",
             "Jobs whose readings were split into several INSERTs to bound the partitions each touches",
             m.split_inserts.clone(),
+        );
+        registry.register(
+            "insert_isolations",
+            "Jobs bisected because ClickHouse refused their readings for good",
+            m.insert_isolations.clone(),
+        );
+        registry.register(
+            "rejected_messages",
+            "Messages whose readings ClickHouse refuses alone: dead-lettered and reported to their agents as rejected",
+            m.rejected_messages.clone(),
         );
         registry.register("rollup_passes", "Rollup passes run", m.rollup_passes.clone());
         registry.register("rollup_markers", "Rollup markers written", m.rollup_markers.clone());
@@ -271,7 +287,7 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
     "client_id_mismatch",
     "unknown_topic",
     "bad_status",
-    "insert_permanent",
+    "insert_rejected",
     "other",
 ];
 

@@ -154,8 +154,17 @@ pub struct MarkerRow {
     pub token: u64,
     /// The server that wrote it.
     pub owner: String,
-    /// Always +1.
+    /// +1 (0 for a probe).
     pub pending: i64,
+}
+
+impl MarkerRow {
+    /// A row that changes nothing (`pending = 0`, no client, minute 0),
+    /// written only to learn whether ClickHouse takes inserts at all.
+    #[must_use]
+    pub fn probe(owner: &str, token: u64) -> Self {
+        Self { client_id: String::new(), minute: 0, token, owner: owner.to_owned(), pending: 0 }
+    }
 }
 
 /// Marker rows for `touched`, owned by `owner`.
@@ -608,7 +617,7 @@ impl Roller {
                 }
                 Ok(_) => {}
                 Err(StoreError::Stopped) => return,
-                Err(StoreError::Permanent(error)) => {
+                Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
                     self.metrics().rollup_errors.inc();
                     tracing::error!(%error, "rollup pass failed permanently; its minutes stay pending (answered from raw rows) and are retried next pass");
                 }

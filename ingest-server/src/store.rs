@@ -21,8 +21,14 @@ use crate::schema::{Flavor, Tables};
 /// How a ClickHouse error is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Network trouble, overload, timeouts, a server restarting: back off and retry.
+    /// Network trouble, timeouts, a server restarting, known overload or
+    /// operator states: back off and retry, without limit.
     Retriable,
+    /// The server refused the request with a code of no known meaning here
+    /// (or one that may depend on the data, such as a memory limit): retried,
+    /// but a job's readings insert gives up after `insert_retry_budget` of
+    /// these and is bisected to find the messages ClickHouse refuses.
+    Unknown,
     /// The data or the statement is wrong: retrying cannot help.
     Permanent,
 }
@@ -48,6 +54,23 @@ const PERMANENT_CODES: &[u32] = &[
     184, // ILLEGAL_AGGREGATION
 ];
 
+/// Error codes that mean "the server is busy, down or being fixed", never
+/// "this data": retried without limit, whatever the budget.
+const TRANSIENT_CODES: &[u32] = &[
+    60,  // UNKNOWN_TABLE (an operator recreating it)
+    81,  // UNKNOWN_DATABASE
+    159, // TIMEOUT_EXCEEDED
+    202, // TOO_MANY_SIMULTANEOUS_QUERIES
+    203, // NO_FREE_CONNECTION
+    209, // SOCKET_TIMEOUT
+    210, // NETWORK_ERROR
+    242, // TABLE_IS_READ_ONLY
+    285, // TOO_FEW_LIVE_REPLICAS
+    319, // UNKNOWN_STATUS_OF_INSERT
+    394, // QUERY_WAS_CANCELLED
+    999, // KEEPER_EXCEPTION
+];
+
 /// The `Code: N` of a server error message, if any.
 #[must_use]
 pub fn error_code(message: &str) -> Option<u32> {
@@ -64,9 +87,13 @@ pub fn classify(error: &clickhouse::error::Error) -> ErrorClass {
         E::Network(_) | E::TimedOut => ErrorClass::Retriable,
         E::BadResponse(message) => match error_code(message) {
             Some(code) if PERMANENT_CODES.contains(&code) => ErrorClass::Permanent,
-            // Unknown codes, overload (241, 252, 202), missing table while an
-            // operator fixes it, HTTP 5xx without a code: retry.
-            _ => ErrorClass::Retriable,
+            Some(code) if TRANSIENT_CODES.contains(&code) => ErrorClass::Retriable,
+            // Other codes, including 241 (memory limit) and 252 (too many
+            // parts or partitions), which a huge or strange job can cause
+            // every time as well as an overload once.
+            Some(_) => ErrorClass::Unknown,
+            // An HTTP error without a ClickHouse code: a proxy, a restart.
+            None => ErrorClass::Retriable,
         },
         // Serialisation and client-side data problems.
         E::InvalidParams(_)
@@ -88,6 +115,15 @@ pub enum StoreError {
     /// A permanent error: the data cannot be stored as it is.
     #[error("permanent ClickHouse error: {0}")]
     Permanent(clickhouse::error::Error),
+    /// The server refused the request `budget` times with errors of
+    /// [`ErrorClass::Unknown`]; the last one.
+    #[error("ClickHouse refused the request {attempts} times: {error}")]
+    Exhausted {
+        /// Refusals counted against the budget.
+        attempts: u32,
+        /// The last refusal.
+        error: clickhouse::error::Error,
+    },
     /// The stop token was cancelled while retrying.
     #[error("stopped while retrying")]
     Stopped,
@@ -114,6 +150,7 @@ pub struct Store {
     retry_min: Duration,
     retry_max: Duration,
     timeout: Duration,
+    budget: u32,
     stop: CancellationToken,
 }
 
@@ -129,6 +166,7 @@ impl Store {
             retry_min: Duration::from_millis(config.retry_min_ms),
             retry_max: Duration::from_millis(config.retry_max_ms),
             timeout: Duration::from_secs(config.insert_timeout_secs.max(1)),
+            budget: config.insert_retry_budget.max(1),
             stop,
         }
     }
@@ -165,6 +203,12 @@ impl Store {
         &self.client
     }
 
+    /// The longest retry delay.
+    #[must_use]
+    pub fn retry_max(&self) -> Duration {
+        self.retry_max
+    }
+
     /// The metrics registry.
     #[must_use]
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -186,7 +230,35 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Permanent`] or [`StoreError::Stopped`].
-    pub async fn retry<T, F, Fut>(&self, table: &'static str, mut attempt: F) -> Result<T, StoreError>
+    pub async fn retry<T, F, Fut>(&self, table: &'static str, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, clickhouse::error::Error>>,
+    {
+        self.retry_within(table, None, attempt).await
+    }
+
+    /// [`Store::retry`], but after `insert_retry_budget` refusals of
+    /// [`ErrorClass::Unknown`] it gives up with [`StoreError::Exhausted`]
+    /// (outages and overload codes never count): for requests whose data
+    /// may be what the server refuses, so that the caller can isolate it.
+    ///
+    /// # Errors
+    /// [`StoreError::Permanent`], [`StoreError::Exhausted`] or [`StoreError::Stopped`].
+    pub async fn retry_budgeted<T, F, Fut>(&self, table: &'static str, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, clickhouse::error::Error>>,
+    {
+        self.retry_within(table, Some(self.budget), attempt).await
+    }
+
+    async fn retry_within<T, F, Fut>(
+        &self,
+        table: &'static str,
+        budget: Option<u32>,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, clickhouse::error::Error>>,
@@ -197,7 +269,7 @@ impl Store {
             .with_jitter()
             .without_max_times()
             .build();
-        let mut attempts = 0u32;
+        let (mut attempts, mut refusals) = (0u32, 0u32);
         loop {
             if self.stop.is_cancelled() {
                 return Err(StoreError::Stopped);
@@ -215,9 +287,19 @@ impl Store {
                 }
                 Err(error) => error,
             };
-            if classify(&error) == ErrorClass::Permanent {
-                tracing::error!(table, %error, "permanent ClickHouse error");
-                return Err(StoreError::Permanent(error));
+            match classify(&error) {
+                ErrorClass::Permanent => {
+                    tracing::error!(table, %error, "permanent ClickHouse error");
+                    return Err(StoreError::Permanent(error));
+                }
+                ErrorClass::Unknown => {
+                    refusals += 1;
+                    if budget.is_some_and(|b| refusals >= b) {
+                        tracing::warn!(table, refusals, %error, "ClickHouse keeps refusing this request; giving up on it as a whole");
+                        return Err(StoreError::Exhausted { attempts: refusals, error });
+                    }
+                }
+                ErrorClass::Retriable => {}
             }
             attempts += 1;
             self.metrics.insert_retries.get_or_create(&TableLabel { table: table.to_owned() }).inc();
@@ -246,8 +328,12 @@ mod tests {
     fn data_errors_are_permanent_and_outages_retriable() {
         use clickhouse::error::Error as E;
         assert_eq!(classify(&E::BadResponse("Code: 27. DB::Exception: Cannot parse".into())), ErrorClass::Permanent);
-        assert_eq!(classify(&E::BadResponse("Code: 241. Memory limit exceeded".into())), ErrorClass::Retriable);
+        assert_eq!(classify(&E::BadResponse("Code: 241. Memory limit exceeded".into())), ErrorClass::Unknown);
+        assert_eq!(classify(&E::BadResponse("Code: 252. Too many partitions".into())), ErrorClass::Unknown);
+        assert_eq!(classify(&E::BadResponse("Code: 1002. Something new".into())), ErrorClass::Unknown);
         assert_eq!(classify(&E::BadResponse("Code: 60. Table does not exist".into())), ErrorClass::Retriable);
+        assert_eq!(classify(&E::BadResponse("Code: 202. Too many simultaneous queries".into())), ErrorClass::Retriable);
+        assert_eq!(classify(&E::BadResponse("502 Bad Gateway".into())), ErrorClass::Retriable);
         assert_eq!(classify(&E::TimedOut), ErrorClass::Retriable);
         assert_eq!(classify(&E::NotEnoughData), ErrorClass::Permanent);
     }

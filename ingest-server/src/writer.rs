@@ -97,15 +97,16 @@ impl Writer {
         Self { store, owner: owner.to_owned(), ledger }
     }
 
-    /// One INSERT of the job's new readings, or of those whose day is in
-    /// `days` (see [`partition_groups`]).
+    /// One INSERT of the new readings of `parts` (indices into the job's),
+    /// or of those whose day is in `days` (see [`partition_groups`]).
     async fn insert_readings_once(
         &self,
         job: &Job,
+        parts: &[usize],
         days: Option<&BTreeSet<i64>>,
     ) -> Result<(), clickhouse::error::Error> {
         let mut insert = self.store.client().insert_unescaped::<ReadingRow<'_>>(&self.store.tables().readings).await?;
-        for part in &job.parts {
+        for part in parts.iter().map(|&i| &job.parts[i]) {
             let batch = &part.batch;
             for (seq, reading) in part.fresh_readings() {
                 if days.is_some_and(|d| !d.contains(&day_of(reading.ts))) {
@@ -195,7 +196,7 @@ impl Writer {
                 }
                 Ok(())
             }
-            Err(StoreError::Permanent(error)) => {
+            Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
                 // Nowhere left to put them: log every one, then let them be acked.
                 for d in dead {
                     tracing::error!(topic = %d.topic, reason = d.reason, %error, bytes = d.payload.len(),
@@ -220,7 +221,7 @@ impl Writer {
         if !job.statuses.is_empty() {
             match self.store.retry("agent_status", || self.insert_statuses_once(&job)).await {
                 Ok(()) => {}
-                Err(StoreError::Permanent(error)) => {
+                Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
                     tracing::error!(%error, count = job.statuses.len(), "agent statuses could not be stored; dropped");
                 }
                 Err(StoreError::Stopped) => return abandoned(job),
@@ -231,30 +232,15 @@ impl Writer {
         }
         // One pass over the new readings: their minutes (rollup markers)
         // also give the daily partitions the insert touches.
-        let touched = Touched::of(&job);
-        match self.insert_readings(&job, &touched.days()).await {
+        let all: Vec<usize> = (0..job.parts.len()).collect();
+        let mut touched = Touched::of(&job);
+        match self.insert_readings(&job, &all, &touched.days()).await {
             Ok(()) => {}
-            Err(StoreError::Permanent(error)) => {
-                let text = error.to_string();
-                let dead: Vec<DeadLetter> = job
-                    .parts
-                    .iter()
-                    .map(|p| {
-                        let publish = &job.messages[p.message].publish;
-                        DeadLetter::now(
-                            &publish.topic,
-                            &p.batch.client_id,
-                            "insert_permanent",
-                            text.clone(),
-                            publish.payload.clone(),
-                        )
-                    })
-                    .collect();
-                if self.store_dead_letters(&dead).await.is_err() {
-                    return abandoned(job);
+            Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
+                match self.isolate(&mut job, error).await {
+                    Ok(()) => touched = Touched::of(&job),
+                    Err(_) => return abandoned(job),
                 }
-                job.dead.extend(dead);
-                return Outcome { job, stored: false, abandoned: false };
             }
             Err(StoreError::Stopped) => return abandoned(job),
         }
@@ -270,7 +256,7 @@ impl Writer {
             let markers = rollup::markers(&need, &self.owner, fastrand::u64(..));
             match self.store.retry("rollup_queue", || self.insert_markers_once(&markers)).await {
                 Ok(()) => self.ledger.lock().unwrap_or_else(PoisonError::into_inner).marked(&need, asked),
-                Err(StoreError::Permanent(error)) => {
+                Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
                     // Not acked: the broker redelivers the messages and the
                     // markers are tried again then.
                     self.store.metrics().rollup_errors.inc();
@@ -280,9 +266,14 @@ impl Writer {
                 Err(StoreError::Stopped) => return abandoned(job),
             }
         }
-        match self.store.retry("ingested_ranges", || self.insert_ranges_once(&job)).await {
+        let ranges = if job.parts.is_empty() {
+            Ok(()) // every part was rejected
+        } else {
+            self.store.retry("ingested_ranges", || self.insert_ranges_once(&job)).await
+        };
+        match ranges {
             Ok(()) => {}
-            Err(StoreError::Permanent(error)) => {
+            Err(StoreError::Permanent(error) | StoreError::Exhausted { error, .. }) => {
                 // Readings are stored; only the dedup memory of a restart is
                 // weaker (replays get inserted again and collapse by identity).
                 tracing::error!(%error, "stored ranges could not be recorded");
@@ -301,17 +292,110 @@ impl Writer {
     /// stall every client's readings behind that job. A retry repeats a
     /// group whole; readings already in from an earlier group collapse by
     /// identity.
-    async fn insert_readings(&self, job: &Job, days: &BTreeSet<i64>) -> Result<(), StoreError> {
+    async fn insert_readings(&self, job: &Job, parts: &[usize], days: &BTreeSet<i64>) -> Result<(), StoreError> {
         if days.len() <= MAX_PARTITIONS_PER_INSERT {
-            return self.store.retry("readings", || self.insert_readings_once(job, None)).await;
+            return self.store.retry_budgeted("readings", || self.insert_readings_once(job, parts, None)).await;
         }
         let groups = partition_groups(days);
         tracing::info!(days = days.len(), inserts = groups.len(), "readings span many daily partitions; split");
         for group in &groups {
-            self.store.retry("readings", || self.insert_readings_once(job, Some(group))).await?;
+            self.store.retry_budgeted("readings", || self.insert_readings_once(job, parts, Some(group))).await?;
         }
         self.store.metrics().split_inserts.inc();
         Ok(())
+    }
+
+    /// After the job's readings insert failed for good (`error`): bisects
+    /// the job's parts, storing every half ClickHouse takes, down to single
+    /// messages. A single message is rejected when ClickHouse refuses it
+    /// with a known data error, or refuses it past the retry budget while it
+    /// accepts a probe insert (so the refusal is about this data, not an
+    /// outage: then it is retried like any outage). Rejected parts leave the
+    /// job: their messages are dead-lettered with the error, their ranges go
+    /// to [`Job::rejected`] (released, and reported to the agent), and the
+    /// rest of the job carries on as stored.
+    ///
+    /// # Errors
+    /// [`StoreError::Stopped`], or a dead letter that could not be stored.
+    async fn isolate(&self, job: &mut Job, error: clickhouse::error::Error) -> Result<(), StoreError> {
+        let m = self.store.metrics().clone();
+        m.insert_isolations.inc();
+        tracing::warn!(%error, messages = job.parts.len(), "ClickHouse refuses this job's readings; bisecting it to the messages it refuses");
+        let mut rejected: Vec<(usize, String)> = Vec::new();
+        let mut failed: Vec<(Vec<usize>, clickhouse::error::Error)> = vec![((0..job.parts.len()).collect(), error)];
+        while let Some((parts, error)) = failed.pop() {
+            if let [only] = parts[..] {
+                if let Some(reason) = self.refused_alone(job, only, error).await? {
+                    rejected.push((only, reason));
+                }
+                continue;
+            }
+            let (left, right) = parts.split_at(parts.len() / 2);
+            for half in [left, right] {
+                match self.insert_readings(job, half, &days_of(job, half)).await {
+                    Ok(()) => {}
+                    Err(StoreError::Permanent(e) | StoreError::Exhausted { error: e, .. }) => {
+                        failed.push((half.to_vec(), e));
+                    }
+                    Err(StoreError::Stopped) => return Err(StoreError::Stopped),
+                }
+            }
+        }
+        rejected.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let mut dead = Vec::with_capacity(rejected.len());
+        for (i, reason) in rejected {
+            let part = job.parts.remove(i);
+            let publish = &job.messages[part.message].publish;
+            tracing::error!(topic = %publish.topic, client_id = %part.batch.client_id, first_seq = part.batch.first_seq,
+                last_seq = part.batch.last_seq, error = %reason, "ClickHouse refuses this message's readings; dead-lettered, reported to the agent as rejected");
+            dead.push(DeadLetter::now(
+                &publish.topic,
+                &part.batch.client_id,
+                "insert_rejected",
+                reason,
+                publish.payload.clone(),
+            ));
+            job.rows -= part.fresh.iter().map(|(lo, hi)| (hi - lo + 1) as usize).sum::<usize>();
+            let client = part.batch.client_id;
+            job.rejected.extend(part.fresh.iter().map(|&(lo, hi)| (client.clone(), part.batch.epoch, lo, hi)));
+        }
+        m.rejected_messages.inc_by(dead.len() as u64);
+        self.store_dead_letters(&dead).await?;
+        job.dead.extend(dead);
+        Ok(())
+    }
+
+    /// Part `only` failed alone with `error`. Returns the reason to reject
+    /// it, or `None` once it is stored (an outage passed).
+    async fn refused_alone(
+        &self,
+        job: &Job,
+        only: usize,
+        mut error: clickhouse::error::Error,
+    ) -> Result<Option<String>, StoreError> {
+        loop {
+            if crate::store::classify(&error) == crate::store::ErrorClass::Permanent {
+                return Ok(Some(error.to_string()));
+            }
+            if self.probe().await {
+                return Ok(Some(error.to_string()));
+            }
+            tracing::warn!(%error, "ClickHouse refuses a probe insert too: an outage, not this message; retrying it");
+            self.store.pause(self.store.retry_max()).await?;
+            match self.insert_readings(job, &[only], &days_of(job, &[only])).await {
+                Ok(()) => return Ok(None),
+                Err(StoreError::Permanent(e) | StoreError::Exhausted { error: e, .. }) => error = e,
+                Err(StoreError::Stopped) => return Err(StoreError::Stopped),
+            }
+        }
+    }
+
+    /// Whether ClickHouse takes an insert at all: one `rollup_queue` row with
+    /// `pending = 0` (no effect: passes read markers whose sum is positive,
+    /// and the row vanishes when the queue's parts merge).
+    async fn probe(&self) -> bool {
+        let probe = MarkerRow::probe(&self.owner, fastrand::u64(..));
+        self.insert_markers_once(&[probe]).await.is_ok()
     }
 
     /// The dedup state at start: every range stored within the last
@@ -374,6 +458,11 @@ pub const MAX_PARTITIONS_PER_INSERT: usize = 64;
 #[must_use]
 pub fn day_of(ts_us: i64) -> i64 {
     ts_us.div_euclid(86_400_000_000)
+}
+
+/// The days of the new readings of `parts`.
+fn days_of(job: &Job, parts: &[usize]) -> BTreeSet<i64> {
+    parts.iter().flat_map(|&i| job.parts[i].fresh_readings()).map(|(_, r)| day_of(r.ts)).collect()
 }
 
 /// `days` cut into groups of at most [`MAX_PARTITIONS_PER_INSERT`].

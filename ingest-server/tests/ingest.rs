@@ -460,6 +460,63 @@ async fn the_live_view_stays_exact_while_passes_fold_minutes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_clickhouse_refuses_is_isolated_rejected_and_the_rest_stored() {
+    // ClickHouse refuses any insert holding a reading of sensor "poison"
+    // (a materialised throwIf: Code 395, a code of no known meaning here).
+    // One job holds healthy batches of five clients and one poisoned batch:
+    // the job is bisected, the poisoned message alone is dead-lettered and
+    // reported as rejected, everything else is stored and acked.
+    let Some(world) = World::new() else { return };
+    let config = ingest_server::Config { batch_max_delay_ms: 1000, insert_retry_budget: 2, ..world.config() };
+    let server = Server::start(config).await;
+    world
+        .ch()
+        .query(&format!(
+            "ALTER TABLE `{}`.readings ADD COLUMN poison UInt8 MATERIALIZED throwIf(sensor = 'poison')",
+            world.database
+        ))
+        .execute()
+        .await
+        .expect("add the poison column");
+    let agent = Agent::connect(&world).await;
+    let mut all: Vec<Batch> = (0..5).flat_map(|c| batches(&format!("dev-h{c}"), 1, 1, 300, 100)).collect();
+    let mut bad = batch("dev-bad", 1, 1, 100);
+    bad.readings[50].sensor = "poison".to_owned();
+    all.insert(7, bad);
+    all.push(batch("dev-bad", 1, 101, 200));
+    agent.publish(&all).await;
+    agent.flushed().await;
+    world.wait_stored(1600, Duration::from_secs(60)).await;
+    for c in 0..5 {
+        agent.wait_acked(&format!("dev-h{c}"), &[range(1, 1, 300)], Duration::from_secs(20)).await;
+    }
+    agent.wait_acked("dev-bad", &[range(1, 101, 200)], Duration::from_secs(20)).await;
+    let rejected: Vec<_> = agent
+        .acks
+        .lock()
+        .expect("acks lock")
+        .iter()
+        .filter(|(c, _)| c == "dev-bad")
+        .flat_map(|(_, ack)| ack.rejected.clone())
+        .collect();
+    assert_eq!(rejected, vec![range(1, 1, 100)], "the poisoned batch is reported as rejected, nothing else");
+    let m = &server.metrics;
+    assert_eq!(m.rejected_messages.get(), 1);
+    assert!(m.insert_isolations.get() >= 1);
+    assert_eq!(
+        world
+            .count("SELECT count() FROM DB.ingest_errors WHERE reason = 'insert_rejected' AND client_id = 'dev-bad' AND error LIKE '%395%'")
+            .await,
+        1,
+        "one dead letter, with ClickHouse's error"
+    );
+    assert_eq!(world.count("SELECT count() FROM DB.readings WHERE client_id = 'dev-bad' AND seq <= 100").await, 0);
+    harness::wait_for("all PUBACKed", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
+    world.assert_rollup_exact().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_view_from_an_older_release_is_replaced_at_start() {
     let Some(world) = World::new() else { return };
     let ch = world.ch();

@@ -18,6 +18,11 @@ fn main() {
     println!("ack frame: {}", hex(&buf));
     let b = Batch { client_id: "dev-1".into(), epoch: 0x0102030405060708, first_seq: 10, last_seq: 11, readings };
     println!("batch: {}", hex(&b.encode()));
-    let a = IngestAck { ranges: vec![SeqRange { epoch: 0x0102030405060708, first_seq: 10, last_seq: 11 }] };
+    let a = IngestAck::stored(vec![SeqRange { epoch: 0x0102030405060708, first_seq: 10, last_seq: 11 }]);
     println!("ack: {}", hex(&a.encode()));
+    let r = IngestAck {
+        ranges: vec![SeqRange { epoch: 0x0102030405060708, first_seq: 10, last_seq: 11 }],
+        rejected: vec![SeqRange { epoch: 0x0102030405060708, first_seq: 12, last_seq: 12 }],
+    };
+    println!("ack with rejected: {}", hex(&r.encode()));
 }

@@ -47,10 +47,14 @@ proptest! {
     }
 
     #[test]
-    fn acks_round_trip(ranges in prop::collection::vec((any::<u64>(), 0u64..1 << 40, 0u64..1 << 20), 0..20)) {
-        let ack = IngestAck {
-            ranges: ranges.into_iter().map(|(epoch, first_seq, n)| SeqRange { epoch, first_seq, last_seq: first_seq + n }).collect(),
+    fn acks_round_trip(
+        ranges in prop::collection::vec((any::<u64>(), 0u64..1 << 40, 0u64..1 << 20), 0..20),
+        rejected in prop::collection::vec((any::<u64>(), 0u64..1 << 40, 0u64..1 << 20), 0..5),
+    ) {
+        let to = |v: Vec<(u64, u64, u64)>| -> Vec<SeqRange> {
+            v.into_iter().map(|(epoch, first_seq, n)| SeqRange { epoch, first_seq, last_seq: first_seq + n }).collect()
         };
+        let ack = IngestAck { ranges: to(ranges), rejected: to(rejected) };
         prop_assert_eq!(IngestAck::decode(&ack.encode(), 1 << 20), Ok(ack));
     }
 

@@ -62,7 +62,7 @@ fn batch_vector() {
 
 #[test]
 fn ingest_ack_vector() {
-    let ack = IngestAck { ranges: vec![SeqRange { epoch: 0x0102_0304_0506_0708, first_seq: 10, last_seq: 11 }] };
+    let ack = IngestAck::stored(vec![SeqRange { epoch: 0x0102_0304_0506_0708, first_seq: 10, last_seq: 11 }]);
     assert_eq!(hex(&ack.encode()), INGEST_ACK);
     assert_eq!(IngestAck::decode(&unhex(INGEST_ACK), 1 << 20), Ok(ack));
 }
