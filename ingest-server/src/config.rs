@@ -117,6 +117,23 @@ pub struct Config {
     /// Address of the HTTP listener for the dashboard (`/`), the JSON API
     /// (`/api/`), `/metrics` and `/healthz` (empty: no listener).
     pub http_address: String,
+    /// `/api/` requests answered at once; more wait up to 2 s for a slot,
+    /// then are refused with 503 `busy` (a refresh storm must not queue work
+    /// on the ClickHouse that inserts depend on).
+    pub api_max_concurrent: usize,
+    /// ClickHouse user for `/api/` queries (empty: `clickhouse_user`). Give
+    /// it a profile with its own limits (see `deploy/clickhouse/users.xml.in`,
+    /// user `telemetry_api`).
+    pub api_clickhouse_user: String,
+    /// Its password (with an `api_clickhouse_user`).
+    pub api_clickhouse_password: Secret,
+    /// Its password from a file.
+    pub api_clickhouse_password_file: PathBuf,
+    /// Memory one `/api/` query may use in ClickHouse, bytes
+    /// (`max_memory_usage` of its queries).
+    pub api_max_memory_bytes: u64,
+    /// Threads one `/api/` query may use in ClickHouse (`max_threads`).
+    pub api_max_threads: u32,
 }
 
 impl Default for Config {
@@ -141,6 +158,12 @@ impl Default for Config {
             clickhouse_user: "default".into(),
             clickhouse_password: Secret::default(),
             clickhouse_password_file: PathBuf::new(),
+            api_max_concurrent: 4,
+            api_clickhouse_user: String::new(),
+            api_clickhouse_password: Secret::default(),
+            api_clickhouse_password_file: PathBuf::new(),
+            api_max_memory_bytes: 1 << 30,
+            api_max_threads: 2,
             retention_days: 0,
             batch_max_rows: 200_000,
             batch_max_delay_ms: 1000,
@@ -259,6 +282,9 @@ impl Config {
         if self.dedup_horizon_days == 0 {
             return Err(invalid("dedup_horizon_days", "must be at least 1"));
         }
+        if self.api_max_concurrent == 0 || self.api_max_threads == 0 {
+            return Err(invalid("api_max_concurrent", "api_max_concurrent and api_max_threads must be at least 1"));
+        }
         if self.insert_retry_budget == 0 {
             return Err(invalid("insert_retry_budget", "must be at least 1"));
         }
@@ -290,6 +316,7 @@ impl Config {
         for (key, file, secret) in [
             ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
             ("clickhouse_password_file", &mut self.clickhouse_password_file, &mut self.clickhouse_password),
+            ("api_clickhouse_password_file", &mut self.api_clickhouse_password_file, &mut self.api_clickhouse_password),
         ] {
             secret.take_from_file(file).map_err(|error| match error {
                 mqtt_secure::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
@@ -389,6 +416,12 @@ overrides! {
     rollup_orphan_secs: u64 => "INGEST_ROLLUP_ORPHAN_SECS",
     shutdown_timeout_secs: u64 => "INGEST_SHUTDOWN_TIMEOUT_SECS",
     http_address: String => "INGEST_HTTP_ADDRESS",
+    api_max_concurrent: usize => "INGEST_API_MAX_CONCURRENT",
+    api_clickhouse_user: String => "INGEST_API_CLICKHOUSE_USER",
+    api_clickhouse_password: Secret => "INGEST_API_CLICKHOUSE_PASSWORD",
+    api_clickhouse_password_file: PathBuf => "INGEST_API_CLICKHOUSE_PASSWORD_FILE",
+    api_max_memory_bytes: u64 => "INGEST_API_MAX_MEMORY_BYTES",
+    api_max_threads: u32 => "INGEST_API_MAX_THREADS",
 }
 
 impl Cli {

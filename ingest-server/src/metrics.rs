@@ -57,6 +57,8 @@ pub struct Metrics {
     pub dedup_streams_evicted: Counter,
     /// Jobs whose readings were split into several INSERTs (too many daily partitions).
     pub split_inserts: Counter,
+    /// `/api/` requests refused because `api_max_concurrent` were being answered.
+    pub api_busy: Counter,
     /// Jobs bisected because ClickHouse refused their readings for good.
     pub insert_isolations: Counter,
     /// Messages isolated by bisection and rejected (dead-lettered, reported to agents).
@@ -132,6 +134,7 @@ impl Metrics {
             rollup_errors: Counter::default(),
             split_inserts: Counter::default(),
             insert_isolations: Counter::default(),
+            api_busy: Counter::default(),
             rejected_messages: Counter::default(),
             dedup_streams_evicted: Counter::default(),
             rollup_passes: Counter::default(),
@@ -181,6 +184,11 @@ impl Metrics {
             "split_inserts",
             "Jobs whose readings were split into several INSERTs to bound the partitions each touches",
             m.split_inserts.clone(),
+        );
+        registry.register(
+            "api_busy",
+            "/api/ requests refused (503 busy) because api_max_concurrent were being answered",
+            m.api_busy.clone(),
         );
         registry.register(
             "insert_isolations",

@@ -764,3 +764,28 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
     let _ = std::fs::remove_file(&shot);
     seeded.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_user_reads_but_cannot_write() {
+    // Every API test runs as telemetry_api (the harness config); this one
+    // shows what its profile in deploy/clickhouse/users.xml.in enforces.
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    let api = world.ch().with_user("telemetry_api");
+    let db = &world.database;
+    let n: u64 = api.query(&format!("SELECT count() FROM `{db}`.readings")).fetch_one().await.expect("it reads");
+    assert_eq!(n, 0);
+    let write = api
+        .query(&format!("INSERT INTO `{db}`.ingest_errors (topic) VALUES ('forged')"))
+        .execute()
+        .await
+        .expect_err("a read-only user cannot write");
+    assert!(write.to_string().contains("Code: 164"), "readonly refusal (164), got {write}");
+    let limit: String = api
+        .query("SELECT value FROM system.settings WHERE name = 'max_execution_time'")
+        .fetch_one()
+        .await
+        .expect("settings");
+    assert_eq!(limit, "10", "its profile bounds every query");
+    server.stop().await;
+}

@@ -16,8 +16,17 @@
 //! Every error is JSON `{"error": kind, "reason": text}`: 400 `bad_request`
 //! for invalid parameters (see [`params`]), 404 `not_found`, 502
 //! `clickhouse` when ClickHouse failed, 504 `timeout` when it did not answer
-//! in time. The ClickHouse user needs only read access; the API's client runs
-//! its queries with `readonly=2`.
+//! in time, 503 `busy` (with `Retry-After: 1`) when `api_max_concurrent`
+//! requests were being answered for all of [`SLOT_WAIT`].
+//!
+//! # Isolation from the inserts
+//! The API shares ClickHouse with the writer, so it is bounded on both
+//! sides: at most `api_max_concurrent` requests at once (more wait up to
+//! [`SLOT_WAIT`], then are refused rather than queued), and every query runs as `api_clickhouse_user`
+//! (a user with its own profile) with `readonly=2`, `max_execution_time`
+//! ([`QUERY_TIMEOUT`]), `max_memory_usage` (`api_max_memory_bytes`) and
+//! `max_threads` (`api_max_threads`). The fleet view reads the rollup for
+//! folded minutes and raw rows only for pending ones.
 
 pub mod params;
 pub mod queries;
@@ -58,6 +67,9 @@ pub enum ApiError {
     /// ClickHouse did not answer within [`QUERY_TIMEOUT`] (HTTP 504).
     #[error("ClickHouse did not answer within {} s", QUERY_TIMEOUT.as_secs())]
     Timeout,
+    /// `api_max_concurrent` requests are being answered (HTTP 503).
+    #[error("{0} API requests are being answered; try again shortly")]
+    Busy(usize),
 }
 
 impl ApiError {
@@ -67,6 +79,7 @@ impl ApiError {
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::ClickHouse(_) => (StatusCode::BAD_GATEWAY, "clickhouse"),
             Self::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
     }
 }
@@ -80,6 +93,12 @@ struct ErrorBody<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status_and_kind();
+        if matches!(self, Self::Busy(_)) {
+            tracing::debug!(error = %self, "API request refused");
+            let mut response = json(status, &ErrorBody { error: kind, reason: self.to_string() });
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
         if status.is_server_error() {
             tracing::warn!(error = %self, "API request failed");
         }
@@ -102,20 +121,45 @@ pub struct Api {
     flavor: Flavor,
     metrics: Arc<Metrics>,
     started: Instant,
+    slots: Arc<tokio::sync::Semaphore>,
+    max_concurrent: usize,
 }
 
 impl Api {
     /// An API over the tables of `config` in `flavor`, reporting `metrics`.
     #[must_use]
     pub fn new(config: &Config, flavor: Flavor, metrics: Arc<Metrics>) -> Self {
-        let client = crate::store::client(config)
+        let mut client = crate::store::client(config);
+        if !config.api_clickhouse_user.is_empty() {
+            client = client.with_user(&config.api_clickhouse_user);
+            client = client.with_password(config.api_clickhouse_password.expose());
+        }
+        let client = client
             .with_setting("readonly", "2")
-            .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string());
-        Self { client, tables: Tables::new(&config.clickhouse_database), flavor, metrics, started: Instant::now() }
+            .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string())
+            .with_setting("max_memory_usage", config.api_max_memory_bytes.to_string())
+            .with_setting("max_threads", config.api_max_threads.to_string());
+        Self {
+            client,
+            tables: Tables::new(&config.clickhouse_database),
+            flavor,
+            metrics,
+            started: Instant::now(),
+            slots: Arc::new(tokio::sync::Semaphore::new(config.api_max_concurrent)),
+            max_concurrent: config.api_max_concurrent,
+        }
+    }
+
+    /// The request slots (`api_max_concurrent`); a request holds one while
+    /// it is answered.
+    #[must_use]
+    pub fn slots(&self) -> Arc<tokio::sync::Semaphore> {
+        self.slots.clone()
     }
 
     /// The `/api/` routes (mounted under `/api`).
     pub fn router(self) -> Router {
+        let api = Arc::new(self);
         Router::new()
             .route("/clients", get(clients))
             .route("/series", get(series))
@@ -123,7 +167,8 @@ impl Api {
             .route("/health", get(health))
             .route("/errors", get(errors))
             .fallback(|| async { ApiError::NotFound })
-            .with_state(Arc::new(self))
+            .layer(axum::middleware::from_fn_with_state(api.clone(), limit))
+            .with_state(api)
     }
 
     async fn fetch<T>(&self, query: clickhouse::query::Query) -> Result<Vec<T>, ApiError>
@@ -200,6 +245,21 @@ struct ClientsAnswer {
     window_s: u32,
     lookback_s: i64,
     clients: Vec<ClientView>,
+}
+
+/// How long a request waits for a slot before it is refused with 503
+/// `busy`: long enough for one dashboard refresh (a handful of requests at
+/// once) to pass in turns, short enough that a storm is shed, not queued.
+pub const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// Answers the request once a slot is free (waiting at most [`SLOT_WAIT`]);
+/// otherwise 503 `busy`.
+async fn limit(State(api): State<Arc<Api>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, api.slots.clone().acquire_owned()).await else {
+        api.metrics.api_busy.inc();
+        return ApiError::Busy(api.max_concurrent).into_response();
+    };
+    next.run(request).await
 }
 
 async fn clients(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Response {
@@ -581,6 +641,43 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GET `path` over a fresh connection; the status line and body.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_api_max_concurrent_wait_briefly_then_get_503_busy() {
+        // No ClickHouse at this address: only the limiter is under test.
+        let config = Config { api_max_concurrent: 1, clickhouse_url: "http://127.0.0.1:9".into(), ..Config::default() };
+        let metrics = Arc::new(Metrics::new());
+        let api = Api::new(&config, Flavor::Legacy, metrics.clone());
+        let slots = api.slots();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, Router::new().nest("/api", api.router())).await });
+
+        let held = slots.clone().try_acquire_owned().expect("the one slot");
+        let started = Instant::now();
+        let busy = get(addr, "/api/errors").await;
+        assert!(started.elapsed() >= SLOT_WAIT, "it waited for a slot first");
+        assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+        assert!(busy.to_ascii_lowercase().contains("retry-after: 1"), "{busy}");
+        assert!(busy.contains(r#""error":"busy""#), "{busy}");
+        assert_eq!(metrics.api_busy.get(), 1);
+
+        drop(held);
+        let answered = get(addr, "/api/errors").await;
+        assert!(!answered.starts_with("HTTP/1.1 503"), "a free slot lets the request through: {answered}");
+        assert_eq!(slots.available_permits(), 1, "the request gave its slot back");
+    }
 
     #[test]
     fn insert_latency_is_read_from_the_histogram() {

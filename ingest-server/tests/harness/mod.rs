@@ -68,6 +68,8 @@ impl World {
             rollup_after_secs: 0,
             rollup_interval_ms: 200,
             shutdown_timeout_secs: 10,
+            // The API's own bounded, read-only user (deploy/clickhouse/users.xml.in).
+            api_clickhouse_user: "telemetry_api".into(),
             ..Config::default()
         }
     }
