@@ -40,6 +40,10 @@ pub enum Fault {
     /// Two ingest servers in a shared group, one with its clock 2 h ahead
     /// (libfaketime); one stream live, one stream hours late.
     SkewedClocks,
+    /// SIGSTOP ClickHouse for longer than the ingest server's MQTT
+    /// keep-alive, under load, then SIGCONT: the server keeps its broker
+    /// connection, reports the stall, and stores everything by itself.
+    ClickhouseStall,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -53,7 +57,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -65,6 +69,7 @@ impl Fault {
         Self::EndToEndKillIngest,
         Self::EndToEndKillBroker,
         Self::SkewedClocks,
+        Self::ClickhouseStall,
     ];
 
     /// The scenario's name (as on the command line).
@@ -82,6 +87,7 @@ impl Fault {
             Self::EndToEndKillIngest => "end-to-end-kill-ingest",
             Self::EndToEndKillBroker => "end-to-end-kill-broker",
             Self::SkewedClocks => "skewed-clocks",
+            Self::ClickhouseStall => "clickhouse-stall",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -119,6 +125,11 @@ impl Fault {
                 SKEW_SECS / 3600,
                 LATE_SECS / 3600
             ),
+            Self::ClickhouseStall => format!(
+                "SIGSTOP ClickHouse for {} s (ingest `mqtt_keep_alive_secs` {STALL_KEEP_ALIVE_SECS}, \
+                 `insert_timeout_secs` {STALL_INSERT_TIMEOUT_SECS}), then SIGCONT",
+                form.stall().as_secs()
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -141,7 +152,7 @@ impl Fault {
             | Self::QuotaDropOldest
             | Self::EndToEndKillBroker
             | Self::KillBroker => Some(Service::Mqtt),
-            Self::ClickhouseDown => Some(Service::ClickHouse),
+            Self::ClickhouseDown | Self::ClickhouseStall => Some(Service::ClickHouse),
             Self::PostgresRestart => Some(Service::Postgres),
             _ => None,
         }
@@ -160,6 +171,7 @@ impl Fault {
             | Self::QuotaReached
             | Self::QuotaDropOldest
             | Self::SkewedClocks => form.outage,
+            Self::ClickhouseStall => form.stall(),
         }
     }
 }
@@ -201,6 +213,18 @@ impl Form {
             tail: Duration::from_secs(3),
             quota_rows: 3000,
             deadline: Duration::from_secs(120),
+        }
+    }
+
+    /// How long clickhouse-stall freezes ClickHouse: the outage, and 120 s
+    /// in the long form (twice the broker's keep-alive grace of a default
+    /// 60 s keep-alive, were it not shortened).
+    #[must_use]
+    pub fn stall(&self) -> Duration {
+        if self.long {
+            Duration::from_secs(120)
+        } else {
+            self.outage
         }
     }
 
@@ -313,6 +337,17 @@ const TS_STEP: i64 = 20_000;
 /// How far behind the real clock the synthetic timestamps start: readings
 /// arriving hours late (every scenario; the second stream of skewed-clocks).
 const LATE_SECS: i64 = 3 * 3600;
+/// clickhouse-stall: the ingest server's MQTT keep-alive, shorter than the
+/// stall, so that a server that stopped polling would be dropped.
+const STALL_KEEP_ALIVE_SECS: u64 = 5;
+
+/// clickhouse-stall: the ingest server's `insert_timeout_secs`, shorter than
+/// the stall, so that the stall must be reported.
+const STALL_INSERT_TIMEOUT_SECS: u64 = 3;
+
+/// clickhouse-stall: everything must be stored this soon after SIGCONT.
+const STALL_RECOVERY: Duration = Duration::from_secs(60);
+
 /// skewed-clocks: how far ahead of the real clock the second ingest
 /// server's clock runs (libfaketime).
 const SKEW_SECS: i64 = 2 * 3600;
@@ -387,6 +422,11 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         }
         if skewed {
             spec = spec.flag("rollup-orphan-secs", ORPHAN_SECS_SKEWED);
+        }
+        if fault == Fault::ClickhouseStall {
+            spec = spec
+                .flag("mqtt-keep-alive-secs", STALL_KEEP_ALIVE_SECS)
+                .flag("insert-timeout-secs", STALL_INSERT_TIMEOUT_SECS);
         }
         if let (Some(lib), 2) = (&faketime, n) {
             // The wall clock only: tokio's timers run on CLOCK_MONOTONIC.
@@ -492,10 +532,25 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let mut notes = Vec::new();
     let fault_start = Instant::now();
     let mut answering_at = None;
+    let mut stall_reported = None;
     match fault {
         Fault::KillAgent => {
             agent.kill().await;
             agent.restart(START_WITHIN).await?;
+        }
+        Fault::ClickhouseStall => {
+            let p = private.clone().context("private service")?;
+            let frozen = p.clone();
+            blocking(move || frozen.freeze()).await?;
+            let mut reported = false;
+            while fault_start.elapsed() < form.stall() {
+                let health = crate::procs::http_get(&ingests[0].http, "/healthz").await.unwrap_or_default();
+                reported |= health.starts_with("stalled");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            blocking(move || p.thaw()).await?;
+            answering_at = Some(Instant::now());
+            stall_reported = Some(reported);
         }
         Fault::SkewedClocks => {
             // The skew is there from the start: this is the window in which
@@ -646,6 +701,28 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         if held == 0.0 && fault == Fault::QuotaReached {
             error = Some("the quota was never reached: the scenario did not exercise its fault".to_owned());
         }
+    }
+    if let Some(reported) = stall_reported {
+        let ingest = &ingests[0];
+        let disconnects = ingest.metric("telemetry_ingest_mqtt_connection_errors_total").await.unwrap_or(-1.0);
+        let stalls = ingest.metric("telemetry_ingest_insert_stalls_total").await.unwrap_or(0.0);
+        let rss = ingest.peak_rss_mib().map_or_else(|| "?".to_owned(), |m| m.to_string());
+        notes.push(format!(
+            "ingest: {disconnects} broker disconnects, {stalls} stalls counted, /healthz said stalled: {reported}, \
+             peak RSS {rss} MiB"
+        ));
+        let stored_late = recovery.is_none_or(|r| r > STALL_RECOVERY);
+        error = error.or_else(|| {
+            if disconnects != 0.0 {
+                Some(format!("the ingest server lost its broker connection {disconnects} times during the stall"))
+            } else if !reported || stalls == 0.0 {
+                Some("the stall was not reported (/healthz, insert_stalls)".to_owned())
+            } else if stored_late {
+                Some(format!("not everything was stored within {} s of SIGCONT", STALL_RECOVERY.as_secs()))
+            } else {
+                None
+            }
+        });
     }
     if skewed {
         match clock_evidence(&ch, &format!("`{database}`"), &ingest_ids, &skews, &ingests).await {
