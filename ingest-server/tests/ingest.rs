@@ -597,6 +597,43 @@ async fn a_device_with_a_bad_clock_spanning_300_days_is_stored_in_bounded_insert
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_million_stored_ranges_reports_its_cost_and_dedups_exactly() {
+    // 10^6 disjoint stored ranges (10,000 clients x 100 gaps each, none
+    // mergeable) within the dedup horizon: the binary streams them in at
+    // start. Its start-up time and peak RSS are printed (and bounded
+    // loosely); a replay of a stored range is a duplicate, a gap is stored.
+    let Some(world) = World::new() else { return };
+    let tables = ingest_server::schema::Tables::new(&world.database);
+    for statement in ingest_server::schema::ddl(ingest_server::schema::Flavor::Legacy, &tables, 0) {
+        world.ch().query(&statement).execute().await.unwrap();
+    }
+    let history = format!(
+        "INSERT INTO {} (client_id, epoch, first_seq, last_seq, inserted_at) \
+         SELECT concat('hist-', toString(number % 10000)), 1, intDiv(number, 10000) * 200 + 1, \
+                intDiv(number, 10000) * 200 + 100, now() FROM numbers(1000000)",
+        tables.ingested_ranges
+    );
+    world.ch().query(&history).execute().await.unwrap();
+    assert_eq!(world.count("SELECT count() FROM DB.ingested_ranges").await, 1_000_000);
+
+    let started = std::time::Instant::now();
+    let server = harness::Binary::start(&world.config()).await;
+    let startup = started.elapsed();
+    let rss = server.peak_rss_mib();
+    eprintln!("start-up with 10^6 stored ranges: {startup:?} until subscribed, peak RSS {rss} MiB");
+    assert!(startup < Duration::from_secs(60), "start-up {startup:?}");
+    assert!(rss < 1024, "peak RSS {rss} MiB");
+
+    let agent = Agent::connect(&world).await;
+    // hist-7: seqs 1..=100 were stored (a replay), 101..=200 is a gap.
+    agent.publish(&[batch("hist-7", 1, 1, 100), batch("hist-7", 1, 101, 200)]).await;
+    agent.flushed().await;
+    agent.wait_acked("hist-7", &[range(1, 1, 200)], Duration::from_secs(30)).await;
+    assert_eq!(server.metric("telemetry_ingest_duplicate_readings_total").await, Some(100.0), "the replay");
+    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 100, "only the gap was inserted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_ranges_beyond_the_dedup_horizon_are_dropped_and_not_loaded() {
     // Two streams whose ranges were stored long ago (January 2023) and today.
     // At start the server drops the old month's partition and loads only the
