@@ -44,6 +44,9 @@ pub enum Fault {
     /// keep-alive, under load, then SIGCONT: the server keeps its broker
     /// connection, reports the stall, and stores everything by itself.
     ClickhouseStall,
+    /// 20 garbage publishes of the broker's largest packet on client topics
+    /// during the load: dead-lettered, memory bounded, nothing else harmed.
+    OversizeFlood,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -57,7 +60,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -70,6 +73,7 @@ impl Fault {
         Self::EndToEndKillBroker,
         Self::SkewedClocks,
         Self::ClickhouseStall,
+        Self::OversizeFlood,
     ];
 
     /// The scenario's name (as on the command line).
@@ -88,6 +92,7 @@ impl Fault {
             Self::EndToEndKillBroker => "end-to-end-kill-broker",
             Self::SkewedClocks => "skewed-clocks",
             Self::ClickhouseStall => "clickhouse-stall",
+            Self::OversizeFlood => "oversize-flood",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -129,6 +134,11 @@ impl Fault {
                 "SIGSTOP ClickHouse for {} s (ingest `mqtt_keep_alive_secs` {STALL_KEEP_ALIVE_SECS}, \
                  `insert_timeout_secs` {STALL_INSERT_TIMEOUT_SECS}), then SIGCONT",
                 form.stall().as_secs()
+            ),
+            Self::OversizeFlood => format!(
+                "{FLOOD_MESSAGES} garbage publishes of {} bytes (the shipped broker's max_packet_size less 1 KiB) \
+                 on client topics, with mosquitto_pub",
+                FLOOD_BYTES
             ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
@@ -172,6 +182,7 @@ impl Fault {
             | Self::QuotaDropOldest
             | Self::SkewedClocks => form.outage,
             Self::ClickhouseStall => form.stall(),
+            Self::OversizeFlood => Duration::from_secs(2),
         }
     }
 }
@@ -337,6 +348,40 @@ const TS_STEP: i64 = 20_000;
 /// How far behind the real clock the synthetic timestamps start: readings
 /// arriving hours late (every scenario; the second stream of skewed-clocks).
 const LATE_SECS: i64 = 3 * 3600;
+/// oversize-flood: publishes sent.
+const FLOOD_MESSAGES: u64 = 20;
+
+/// oversize-flood: bytes per publish, just under the shipped broker's
+/// `max_packet_size` (4 MiB) with room for the topic and header.
+const FLOOD_BYTES: usize = (4 << 20) - 1024;
+
+/// oversize-flood: how much the ingest server's peak RSS may grow (the 20
+/// publishes are 80 MiB together; the broker's `max_inflight_bytes` and the
+/// 64 KiB kept per dead letter bound what it holds).
+const FLOOD_RSS_BOUND_MIB: u64 = 200;
+
+/// oversize-flood: the publishes, through `mosquitto_pub` (a client outside
+/// the pipeline). Version byte 0x01 and garbage after it: each is decoded
+/// as far as it goes and dead-lettered.
+fn flood(dir: &std::path::Path, host: &str, port: u16, prefix: &str) -> Result<()> {
+    let file = dir.join("flood.bin");
+    let mut bytes: Vec<u8> = (0..FLOOD_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    bytes[0] = 1;
+    std::fs::write(&file, bytes).context("write the flood payload")?;
+    for i in 0..FLOOD_MESSAGES {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", host, "-p", &port.to_string(), "-q", "1"])
+            .args(["-t", &format!("{prefix}/client/flood-{i}"), "-f"])
+            .arg(&file)
+            .output()
+            .context("run mosquitto_pub (Debian package mosquitto-clients)")?;
+        if !out.status.success() {
+            bail!("mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
 /// clickhouse-stall: the ingest server's MQTT keep-alive, shorter than the
 /// stall, so that a server that stopped polling would be dropped.
 const STALL_KEEP_ALIVE_SECS: u64 = 5;
@@ -533,6 +578,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let fault_start = Instant::now();
     let mut answering_at = None;
     let mut stall_reported = None;
+    let mut flood_base_rss = None;
     match fault {
         Fault::KillAgent => {
             agent.kill().await;
@@ -551,6 +597,13 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             blocking(move || p.thaw()).await?;
             answering_at = Some(Instant::now());
             stall_reported = Some(reported);
+        }
+        Fault::OversizeFlood => {
+            let dir = dir.clone();
+            let (host, port, prefix) = (env.stack.mqtt_host.clone(), env.stack.mqtt_port, prefix.clone());
+            let base = ingests[0].peak_rss_mib();
+            blocking(move || flood(&dir, &host, port, &prefix)).await??;
+            flood_base_rss = base;
         }
         Fault::SkewedClocks => {
             // The skew is there from the start: this is the window in which
@@ -701,6 +754,27 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         if held == 0.0 && fault == Fault::QuotaReached {
             error = Some("the quota was never reached: the scenario did not exercise its fault".to_owned());
         }
+    }
+    if fault == Fault::OversizeFlood {
+        let ingest = &ingests[0];
+        let disconnects = ingest.metric("telemetry_ingest_mqtt_connection_errors_total").await.unwrap_or(-1.0);
+        let dead = query_count(&ch, &format!("SELECT count() FROM {db}.ingest_errors")).await.unwrap_or(0);
+        let (base, peak) = (flood_base_rss.unwrap_or(0), ingest.peak_rss_mib().unwrap_or(u64::MAX));
+        notes.push(format!(
+            "ingest: {dead} dead letters, {disconnects} broker disconnects, peak RSS {base} MiB before the flood, \
+             {peak} MiB after"
+        ));
+        error = error.or_else(|| {
+            if dead < FLOOD_MESSAGES {
+                Some(format!("{dead} dead letters for {FLOOD_MESSAGES} garbage publishes"))
+            } else if disconnects != 0.0 {
+                Some(format!("the ingest server lost its broker connection {disconnects} times"))
+            } else if peak > base + FLOOD_RSS_BOUND_MIB {
+                Some(format!("peak RSS grew by {} MiB (bound {FLOOD_RSS_BOUND_MIB})", peak - base))
+            } else {
+                None
+            }
+        });
     }
     if let Some(reported) = stall_reported {
         let ingest = &ingests[0];
