@@ -134,7 +134,10 @@ function freshness(ageMs) {
 
 function renderFleet(fleet) {
   const table = document.getElementById("fleet-table");
-  setAttrs(table, { "data-now-ms": fleet.now_ms, "data-window-s": fleet.window_s, "data-clients": fleet.clients.length });
+  setAttrs(table, {
+    "data-now-ms": fleet.now_ms, "data-window-s": fleet.window_s, "data-from-ms": fleet.from_ms,
+    "data-clients": fleet.clients.length,
+  });
   document.getElementById("fleet-count").textContent = fleet.clients.length + " clients";
   const rows = fleet.clients.map((c) => {
     const s = c.status;
@@ -167,7 +170,8 @@ function renderFleet(fleet) {
   });
   table.tBodies[0].replaceChildren(...rows);
   document.getElementById("fleet-note").textContent =
-    "stored/s: distinct readings with a time in the last " + fleet.window_s + " s. " +
+    "stored/s: distinct readings with a time in the whole minutes since " +
+    new Date(fleet.from_ms).toISOString().slice(11, 16) + " UTC (from the rollup). " +
     (fleet.clients.length > MAX_CHART_CLIENTS ? "Click a client to chart it." : "");
 }
 

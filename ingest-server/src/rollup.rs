@@ -478,7 +478,26 @@ pub const LIVE_VIEW_MARK: &str = "raw_wins";
 /// so there the sides are a `UNION ALL` and `argMax(…, src)` picks.
 #[must_use]
 pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
-    let pending = pending_pairs_sql(tables, "1");
+    format!(
+        "CREATE VIEW IF NOT EXISTS {view} AS\n{body}",
+        view = tables.readings_1m_live,
+        body = live_rows_sql(tables, flavor, None)
+    )
+}
+
+/// The rows of `readings_1m_live` (see [`live_view_sql`] for why this
+/// form), for minutes from `from_s` on (Unix seconds, a whole minute) when
+/// given: both sides are filtered in the query itself, so their cost
+/// follows the window whether or not ClickHouse pushes a `WHERE` into a
+/// view. Columns: `client_id, sensor, minute, count, sum, avg, min, max`.
+#[must_use]
+pub fn live_rows_sql(tables: &Tables, flavor: Flavor, from_s: Option<i64>) -> String {
+    // An integer of ours, not caller input: safe to inline.
+    let (rollup_filter, pending_filter) = match from_s {
+        Some(from) => (format!("\n    WHERE minute >= toDateTime({from})"), format!("minute >= toDateTime({from})")),
+        None => (String::new(), "1".to_owned()),
+    };
+    let pending = pending_pairs_sql(tables, &pending_filter);
     let oldest = match flavor {
         Flavor::Legacy => format!("ts >= (SELECT toInt64(min(toUInt32(minute))) * 1000000 FROM ({pending}))"),
         Flavor::Current => {
@@ -502,7 +521,7 @@ pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
         format!(
             "SELECT client_id, sensor, minute, count AS f_count, sum AS f_sum, avg AS f_avg, min AS f_min,
            max AS f_max{extra}
-    FROM {rollup} FINAL",
+    FROM {rollup} FINAL{rollup_filter}",
             rollup = tables.readings_1m
         )
     };
@@ -537,7 +556,7 @@ ALL FULL OUTER JOIN ({raw}) AS {LIVE_VIEW_MARK} USING (client_id, sensor, minute
             )
         }
     };
-    format!("CREATE VIEW IF NOT EXISTS {view} AS\n{body}", view = tables.readings_1m_live)
+    body
 }
 
 /// Timing of the rollup passes.

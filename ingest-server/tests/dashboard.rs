@@ -332,7 +332,6 @@ async fn api_numbers_match_clickhouse() {
         clients["clients"].as_array().unwrap().iter().map(|c| (c["client_id"].as_str().unwrap(), c)).collect();
     assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), ["dash-a", "dash-b", "dash-c", OLD_CLIENT]);
     assert_eq!(by_id[OLD_CLIENT]["recent_readings"], 0);
-    assert_eq!(by_id[OLD_CLIENT]["last_reading_ms"], Value::Null);
     assert_eq!(by_id[OLD_CLIENT]["sensors"], serde_json::json!(["flow"]));
     let old_last = seeded.raw_recent(OLD_CLIENT, 0).await.1.div_euclid(60_000_000) * 60_000;
     assert_eq!(by_id[OLD_CLIENT]["last_seen_ms"], old_last, "the start of its last minute");
@@ -340,12 +339,17 @@ async fn api_numbers_match_clickhouse() {
     assert_eq!(old["series"], Value::Array(vec![]));
     let old = get_json(http, &format!("/api/averages?client_id={OLD_CLIENT}")).await;
     assert_eq!(old["sensors"], Value::Array(vec![]));
+    // The rate window is whole minutes: from the start of the minute
+    // window_s before now.
+    let from_ms = clients["from_ms"].as_i64().unwrap();
+    assert_eq!(from_ms, (now_ms - window_s * 1000).div_euclid(60_000) * 60_000);
     for id in ["dash-a", "dash-b"] {
-        let (n, last) = seeded.raw_recent(id, (now_ms - window_s * 1000) * 1000).await;
+        let (n, last) = seeded.raw_recent(id, from_ms * 1000).await;
         assert!(n > 0);
         assert_eq!(by_id[id]["recent_readings"], n, "{id}");
-        assert!(close(by_id[id]["readings_per_s"].as_f64().unwrap(), n as f64 / window_s as f64), "{id}");
-        assert_eq!(by_id[id]["last_reading_ms"], last.div_euclid(1000), "{id}");
+        let per_s = n as f64 * 1000.0 / (now_ms - from_ms) as f64;
+        assert!(close(by_id[id]["readings_per_s"].as_f64().unwrap(), per_s), "{id}");
+        assert!(by_id[id]["last_seen_ms"].as_i64().unwrap() >= last.div_euclid(60_000_000) * 60_000, "{id}");
     }
     assert_eq!(by_id["dash-a"]["sensors"], serde_json::json!(["pressure", "temperature"]));
     assert_eq!(by_id["dash-a"]["status"]["outbox_rows"], 12);
@@ -491,9 +495,13 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
     let c = clickhouse::Client::default();
     let flavor = Flavor::Current;
     let now_s = now_us / 1_000_000;
+    // The rate window: whole minutes from the one 50 s ago (folded: the rollup answers).
+    let from_s = (now_s - 50).div_euclid(60) * 60;
+    let in_window = (1..=4).filter(|k| now_us - k * 20_000_000 - 500 >= from_s * 1_000_000).count();
+    let recent = format!("a\t{in_window}\t");
     let checks: Vec<(clickhouse::query::Query, &str)> = vec![
         (queries::rollup_clients(&c, &tables, now_s, 10), "a\t['s']\t"),
-        (queries::recent_clients(&c, &tables, flavor, now_us - 50_000_000), "a\t2\t"),
+        (queries::recent_clients(&c, &tables, flavor, from_s), &recent),
         (queries::statuses(&c, &tables, 10), "a\t2\t9\t"),
         (queries::series(&c, &tables, flavor, "a", Some("s"), now_s - 3600, &[]), "s\t"),
         (queries::averages(&c, &tables, flavor, "a", None, now_us), "s\t2\t1.5\t4\t2.5\t4\t2.5\t1\t"),
@@ -659,16 +667,18 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
 
     // Fleet rows: every client, its rate over the page's window, its backlog.
     let table: Vec<&Tag> = find("table", &|t| t.attr("id") == Some("fleet-table"));
-    let (now_ms, window_s) = (table[0].num("data-now-ms") as i64, table[0].num("data-window-s") as i64);
+    let (now_ms, from_ms) = (table[0].num("data-now-ms") as i64, table[0].num("data-from-ms") as i64);
+    let window_s = table[0].num("data-window-s") as i64;
+    assert_eq!(from_ms, (now_ms - window_s * 1000).div_euclid(60_000) * 60_000, "whole minutes");
     let rows: Vec<&Tag> = find("tr", &|t| t.attr("data-client").is_some());
     let row = |id: &str| *rows.iter().find(|r| r.attr("data-client") == Some(id)).unwrap_or_else(|| panic!("row {id}"));
     assert_eq!(rows.len(), 4, "{rows:?}");
     for id in ["dash-a", "dash-b"] {
-        let (n, last) = seeded.raw_recent(id, (now_ms - window_s * 1000) * 1000).await;
+        let (n, last) = seeded.raw_recent(id, from_ms * 1000).await;
         assert!(n > 0);
         assert_eq!(row(id).num("data-recent-readings"), n as f64, "{id}");
-        assert!(close(row(id).num("data-readings-per-s"), n as f64 / window_s as f64), "{id}");
-        assert!(row(id).num("data-last-seen-ms") >= last.div_euclid(1000) as f64, "{id}");
+        assert!(close(row(id).num("data-readings-per-s"), n as f64 * 1000.0 / (now_ms - from_ms) as f64), "{id}");
+        assert!(row(id).num("data-last-seen-ms") >= (last.div_euclid(60_000_000) * 60_000) as f64, "{id}");
     }
     assert_eq!(row("dash-a").num("data-outbox-rows"), 12.0);
     assert_eq!(row("dash-c").num("data-outbox-rows"), 5321.0);

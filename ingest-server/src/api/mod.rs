@@ -2,7 +2,7 @@
 //!
 //! | endpoint | parameters | answer |
 //! | --- | --- | --- |
-//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s over the window (by reading time), latest agent status (outbox backlog, rates, connected) |
+//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected) |
 //! | `GET /api/series` | `client_id` (required), `sensor` (optional: all), `minutes` (1..=1440, default 60) | the 1-minute rollup: count, avg, min, max per minute |
 //! | `GET /api/averages` | `client_id` (required), `sensor` (optional) | per sensor: count and mean of the deduplicated readings over the last 1, 5 and 30 minutes, and the latest value |
 //! | `GET /api/health` | none | the server's own counters: received, stored, duplicates, dead letters, insert latency, unacked; ClickHouse reachability |
@@ -205,14 +205,12 @@ pub struct ClientView {
     pub client_id: String,
     /// Its sensors (from the rollup, sorted).
     pub sensors: Vec<String>,
-    /// The latest of: its last reading in the window, the start of its last
-    /// minute in the rollup, its last status's arrival.
+    /// The latest of: the start of its last minute with readings (rollup or
+    /// rate window), its last status's arrival.
     pub last_seen_ms: Option<i64>,
-    /// Its latest reading's time, if within the window.
-    pub last_reading_ms: Option<i64>,
-    /// Distinct readings with a time in the rate window.
+    /// Distinct readings with a time from `from_ms` on.
     pub recent_readings: u64,
-    /// `recent_readings / window_s`.
+    /// `recent_readings` per second since `from_ms`.
     pub readings_per_s: f64,
     /// The agent's latest status, if it sent one.
     pub status: Option<StatusView>,
@@ -243,6 +241,8 @@ pub struct StatusView {
 struct ClientsAnswer {
     now_ms: i64,
     window_s: u32,
+    /// Start of the rate window: the start of the minute `window_s` before `now_ms`.
+    from_ms: i64,
     lookback_s: i64,
     clients: Vec<ClientView>,
 }
@@ -272,10 +272,11 @@ impl Api {
         let (window_s, limit) = (p.int(RATE_WINDOW)?, p.int(CLIENTS_LIMIT)?);
         let now = now_us();
         let (c, t) = (&self.client, &self.tables);
-        let window_from = now - i64::from(window_s) * 1_000_000;
+        // Whole minutes, so that folded ones come from the rollup.
+        let from_s = (now.div_euclid(1_000_000) - i64::from(window_s)).div_euclid(60) * 60;
         let (rollup, recent, statuses) = tokio::try_join!(
             self.fetch::<queries::RollupClient>(queries::rollup_clients(c, t, now / 1_000_000, limit)),
-            self.fetch::<queries::RecentClient>(queries::recent_clients(c, t, self.flavor, window_from)),
+            self.fetch::<queries::RecentClient>(queries::recent_clients(c, t, self.flavor, from_s)),
             self.fetch::<queries::StatusRow>(queries::statuses(c, t, limit)),
         )?;
         let mut by_id: BTreeMap<String, ClientView> = BTreeMap::new();
@@ -289,9 +290,8 @@ impl Api {
         for r in recent {
             let v = view(&mut by_id, &r.client_id);
             v.recent_readings = r.recent;
-            v.readings_per_s = r.recent as f64 / f64::from(window_s);
-            v.last_reading_ms = Some(r.last_ts.div_euclid(1000));
-            bump(&mut v.last_seen_ms, r.last_ts.div_euclid(1000));
+            v.readings_per_s = r.recent as f64 * 1e6 / (now - from_s * 1_000_000) as f64;
+            bump(&mut v.last_seen_ms, i64::from(r.last_minute) * 1000);
         }
         for s in statuses {
             let v = view(&mut by_id, &s.client_id);
@@ -309,7 +309,13 @@ impl Api {
             });
         }
         let clients = by_id.into_values().take(limit as usize).collect();
-        Ok(ClientsAnswer { now_ms: now.div_euclid(1000), window_s, lookback_s: CLIENT_LOOKBACK_S, clients })
+        Ok(ClientsAnswer {
+            now_ms: now.div_euclid(1000),
+            window_s,
+            from_ms: from_s * 1000,
+            lookback_s: CLIENT_LOOKBACK_S,
+            clients,
+        })
     }
 }
 
@@ -318,7 +324,6 @@ fn view<'a>(by_id: &'a mut BTreeMap<String, ClientView>, id: &str) -> &'a mut Cl
         client_id: id.to_owned(),
         sensors: Vec::new(),
         last_seen_ms: None,
-        last_reading_ms: None,
         recent_readings: 0,
         readings_per_s: 0.0,
         status: None,

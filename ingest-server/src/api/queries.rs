@@ -68,29 +68,30 @@ FROM {t} WHERE minute >= toDateTime(?) GROUP BY client_id ORDER BY client_id LIM
     client.query(&sql).bind(now_s - CLIENT_LOOKBACK_S).bind(limit)
 }
 
-/// A client's recent raw readings.
+/// A client's readings in the rate window.
 #[derive(Debug, Row, Deserialize)]
 pub struct RecentClient {
     /// The device.
     pub client_id: String,
-    /// Distinct readings with `ts` in the window.
+    /// Distinct readings with a time from the window's start on.
     pub recent: u64,
-    /// Its latest `ts` in the window, µs.
-    pub last_ts: i64,
+    /// Its latest minute with readings in the window, Unix seconds.
+    pub last_minute: u32,
 }
 
-/// Per client with readings since `from_us`: how many (distinct), and the latest time.
-/// Only the window is scanned, so the cost follows the fleet's rate, not its history.
-pub fn recent_clients(client: &Client, tables: &Tables, flavor: Flavor, from_us: i64) -> Query {
+/// Per client with readings from minute `from_s` on: how many (distinct),
+/// and the latest minute. Folded minutes come from `readings_1m`, only
+/// minutes not folded yet from raw rows ([`crate::rollup::live_rows_sql`]),
+/// so the cost follows the clients and the unfolded minutes, not the
+/// fleet's rate times the window.
+pub fn recent_clients(client: &Client, tables: &Tables, flavor: Flavor, from_s: i64) -> Query {
     let sql = format!(
-        "SELECT client_id, count() AS recent, {last} AS last_ts
-FROM (SELECT client_id, sensor, ts FROM {t} WHERE {since} GROUP BY client_id, sensor, ts)
+        "SELECT client_id, toUInt64(sum(count)) AS recent, toUInt32(max(minute)) AS last_minute
+FROM ({live})
 GROUP BY client_id",
-        last = micros(flavor, "max(ts)"),
-        t = tables.readings,
-        since = since_sql(flavor),
+        live = crate::rollup::live_rows_sql(tables, flavor, Some(from_s)),
     );
-    bind_since(client.query(&sql), flavor, from_us)
+    client.query(&sql)
 }
 
 /// The latest status of an agent.
