@@ -888,3 +888,158 @@ async fn shutdown_flushes_the_pending_batch_and_acks_it() {
     assert_eq!(world.final_readings().await, 300);
     agent.wait_acked("dev-z", &[range(8, 1, 300)], Duration::from_secs(10)).await;
 }
+
+/// Percent-decoding of a URL query value (`+` is a space).
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
+    // A stand-in ClickHouse that says it is 24.8 (so the server writes the
+    // current flavour), answers every other query with no rows, and keeps
+    // every request as the server sent it. The INSERT bodies are then loaded
+    // byte for byte into current ClickHouse (chdb) over the current DDL and
+    // read back, and every other statement the server sent (DDL, the view
+    // check, the dedup load, the rollup pass's read, the ranges' expiry) is
+    // run there too.
+    use std::sync::{Arc, Mutex};
+    if !harness::has_chdb() {
+        return;
+    }
+    let Some(world) = World::new() else { return };
+    let inserts: Arc<Mutex<Vec<(String, bytes::Bytes)>>> = Arc::default();
+    let others: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = {
+        let (inserts, others) = (inserts.clone(), others.clone());
+        axum::Router::new().fallback(
+            move |axum::extract::RawQuery(raw): axum::extract::RawQuery, body: bytes::Bytes| {
+                let (inserts, others) = (inserts.clone(), others.clone());
+                async move {
+                    let query = raw
+                        .unwrap_or_default()
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("query=").map(url_decode))
+                        .unwrap_or_default();
+                    let sql = if query.is_empty() { String::from_utf8_lossy(&body).into_owned() } else { query };
+                    if sql.starts_with("INSERT INTO") {
+                        inserts.lock().unwrap().push((sql, body));
+                        return Vec::new();
+                    }
+                    others.lock().unwrap().push(sql.clone());
+                    if sql.contains("version()") {
+                        let v = b"24.8.4.13";
+                        let mut out = vec![v.len() as u8];
+                        out.extend_from_slice(v);
+                        return out;
+                    }
+                    Vec::new()
+                }
+            },
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let config = ingest_server::Config {
+        clickhouse_url: format!("http://{addr}"),
+        clickhouse_database: "telemetry".into(),
+        ..world.config()
+    };
+    let server = Server::start(config).await;
+    let agent = Agent::connect(&world).await;
+    let sent = batch("rb-1", 7, 1, 30);
+    agent.publish(std::slice::from_ref(&sent)).await;
+    agent.publish_raw("rb-1", b"\x01garbage".to_vec()).await;
+    let status = r#"{"version":1,"client_id":"rb-1","ts":1700000000000000,"outbox_rows":3,"outbox_bytes":4,"oldest_age_s":0.5,"received_per_s":1.0,"confirmed_per_s":2.0,"connected":true}"#;
+    agent
+        .client
+        .publish(format!("{}/status/rb-1", world.prefix), rumqttc::QoS::AtLeastOnce, false, status.as_bytes().to_vec())
+        .await
+        .unwrap();
+    agent.flushed().await;
+    agent.wait_acked("rb-1", &[range(7, 1, 30)], Duration::from_secs(20)).await;
+    server.stop().await;
+
+    let dir = std::env::temp_dir().join(test_support::unique_name("rowbinary"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let captured: Vec<serde_json::Value> = inserts
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, (query, body))| {
+            let file = dir.join(format!("{i}.bin"));
+            std::fs::write(&file, body).unwrap();
+            serde_json::json!({"query": query, "file": file.to_str().unwrap()})
+        })
+        .collect();
+    let tables: Vec<String> =
+        captured.iter().map(|c| c["query"].as_str().unwrap().split('(').next().unwrap().trim().to_owned()).collect();
+    for t in ["readings", "rollup_queue", "ingested_ranges", "ingest_errors", "agent_status"] {
+        assert!(tables.iter().any(|q| q.ends_with(&format!("`{t}`"))), "an insert into {t} was captured: {tables:?}");
+    }
+    let statements = others.lock().unwrap().clone();
+    for (what, needle) in [
+        ("the DDL", "CREATE TABLE IF NOT EXISTS"),
+        ("the view check", "system.tables"),
+        ("the dedup load", "FROM `telemetry`.`ingested_ranges`"),
+        ("the rollup pass's read", "`telemetry`.`rollup_queue`"),
+        ("the ranges' expiry", "system.parts"),
+    ] {
+        assert!(statements.iter().any(|s| s.contains(needle)), "{what} was captured: {statements:#?}");
+    }
+    let spec = serde_json::json!({
+        "setup": ingest_server::schema::ddl(ingest_server::schema::Flavor::Current, &ingest_server::schema::Tables::new("telemetry"), 0),
+        "inserts": captured,
+        "statements": others.lock().unwrap().clone(),
+        "checks": [
+            "SELECT client_id, sensor, toUnixTimestamp64Micro(ts), value, epoch, seq FROM telemetry.readings ORDER BY seq",
+            "SELECT client_id, toUInt32(minute), pending, owner != '' FROM telemetry.rollup_queue WHERE pending != 0 ORDER BY minute",
+            "SELECT client_id, epoch, first_seq, last_seq FROM telemetry.ingested_ranges",
+            "SELECT client_id, reason, length(payload) FROM telemetry.ingest_errors",
+            "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, connected FROM telemetry.agent_status",
+        ],
+    });
+    let spec_file = dir.join("spec.json");
+    std::fs::write(&spec_file, spec.to_string()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chdb/rowbinary.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&spec_file).output().expect("run python3");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "chdb: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let results: Vec<&str> = text.split("--\n").collect();
+    let want_readings: String = sent
+        .readings_with_seq()
+        .map(|(seq, r)| format!("rb-1\t{}\t{}\t{}\t7\t{seq}\n", r.sensor, r.ts, r.value))
+        .collect();
+    assert_eq!(results[0], want_readings, "readings, byte for byte from the server's RowBinary");
+    let minutes: std::collections::BTreeSet<i64> =
+        sent.readings.iter().map(|r| r.ts.div_euclid(60_000_000) * 60).collect();
+    let want_markers: String = minutes.iter().map(|m| format!("rb-1\t{m}\t1\t1\n")).collect();
+    assert_eq!(results[1], want_markers, "one marker per minute touched");
+    assert_eq!(results[2], "rb-1\t7\t1\t30\n", "the stored range");
+    assert_eq!(results[3], "rb-1\ttruncated\t8\n", "the dead letter");
+    assert_eq!(results[4], "rb-1\t1700000000000000\t3\t4\t0.5\t1\n", "the agent status");
+}
