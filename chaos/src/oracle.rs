@@ -58,7 +58,7 @@ struct Want {
 }
 
 /// Every reading the emulators generated, by identity.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Expected {
     readings: HashMap<Identity, Want>,
     obligations: u64,
@@ -85,6 +85,21 @@ impl Expected {
             }
         }
         me
+    }
+
+    /// Releases the obligations of the readings `refused` picks (ClickHouse
+    /// refuses them by the scenario's design: they must be dead-lettered,
+    /// which the scenario checks, not stored). Returns how many were acked.
+    pub fn excuse(&mut self, refused: impl Fn(&Identity) -> bool) -> u64 {
+        let mut excused = 0;
+        for (id, want) in &mut self.readings {
+            if want.obligation && refused(id) {
+                want.obligation = false;
+                excused += 1;
+            }
+        }
+        self.obligations -= excused;
+        excused
     }
 
     /// Number of obligations.

@@ -47,6 +47,11 @@ pub enum Fault {
     /// 20 garbage publishes of the broker's largest packet on client topics
     /// during the load: dead-lettered, memory bounded, nothing else harmed.
     OversizeFlood,
+    /// A second agent (`confirm = ingest`) whose device clock makes its
+    /// readings span 200 days, among the healthy one; ClickHouse refuses its
+    /// readings older than 100 days (forced on 18.16 with a `throwIf`
+    /// column, as current ClickHouse refuses inserts over 100 partitions).
+    BadClockDevice,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -60,7 +65,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -74,6 +79,7 @@ impl Fault {
         Self::SkewedClocks,
         Self::ClickhouseStall,
         Self::OversizeFlood,
+        Self::BadClockDevice,
     ];
 
     /// The scenario's name (as on the command line).
@@ -93,6 +99,7 @@ impl Fault {
             Self::SkewedClocks => "skewed-clocks",
             Self::ClickhouseStall => "clickhouse-stall",
             Self::OversizeFlood => "oversize-flood",
+            Self::BadClockDevice => "bad-clock-device",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -140,6 +147,11 @@ impl Fault {
                  on client topics, with mosquitto_pub",
                 FLOOD_BYTES
             ),
+            Self::BadClockDevice => format!(
+                "a second agent `{BAD_CLIENT}` (`confirm = ingest`) whose readings span {BAD_SPAN_DAYS} days, among \
+                 the healthy one; ClickHouse refuses those older than {BAD_REFUSED_DAYS} days (a `throwIf` column \
+                 on 18.16); watched for {outage} s"
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -183,6 +195,7 @@ impl Fault {
             | Self::SkewedClocks => form.outage,
             Self::ClickhouseStall => form.stall(),
             Self::OversizeFlood => Duration::from_secs(2),
+            Self::BadClockDevice => form.outage,
         }
     }
 }
@@ -348,6 +361,22 @@ const TS_STEP: i64 = 20_000;
 /// How far behind the real clock the synthetic timestamps start: readings
 /// arriving hours late (every scenario; the second stream of skewed-clocks).
 const LATE_SECS: i64 = 3 * 3600;
+/// bad-clock-device: the misbehaving device.
+const BAD_CLIENT: &str = "chaos-bad";
+
+/// bad-clock-device: its readings span this many days, ending now.
+const BAD_SPAN_DAYS: i64 = 200;
+
+/// bad-clock-device: ClickHouse refuses its readings older than this.
+const BAD_REFUSED_DAYS: i64 = 100;
+
+/// bad-clock-device: the longest the healthy stream may go without a new
+/// reading stored while the bad device is being isolated.
+const BAD_MAX_HEALTHY_GAP: Duration = Duration::from_secs(10);
+
+/// bad-clock-device: the agent's `batch_max_readings` (its default).
+const BAD_BATCH_READINGS: i64 = 2000;
+
 /// oversize-flood: publishes sent.
 const FLOOD_MESSAGES: u64 = 20;
 
@@ -494,6 +523,19 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         ingests.push(daemon);
         ingest_ids.push(id);
     }
+    let bad_clock = fault == Fault::BadClockDevice;
+    let real_now_s = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
+    let refused_before_us = (real_now_s - BAD_REFUSED_DAYS * 86_400) * 1_000_000;
+    if bad_clock {
+        // What current ClickHouse does to an INSERT over 100 partitions,
+        // forced on 18.16 for the bad device's old readings: a refusal with
+        // a code the server cannot classify (395), every time.
+        let sql = format!(
+            "ALTER TABLE `{database}`.readings ADD COLUMN refused UInt8 \
+             MATERIALIZED throwIf(client_id = '{BAD_CLIENT}' AND ts < {refused_before_us})"
+        );
+        ch.query(&sql).execute().await.context("add the refusing column")?;
+    }
     if skewed {
         // The servers created the schema before subscribing.
         for sql in clock_log_ddl(&format!("`{database}`")) {
@@ -521,6 +563,22 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         agent_spec = agent_spec.flag("quota-policy", "drop-oldest");
     }
     let mut agent = Daemon::start(agent_spec, agent_http, Some(AGENT_READY), START_WITHIN).await?;
+    let mut bad_agent = None;
+    if bad_clock {
+        let pg = test_support::fresh_pg_database(&env.stack).await;
+        let (port, http) = (test_support::free_port(), format!("127.0.0.1:{}", test_support::free_port()));
+        let spec = Spec::new("agent-bad", env.bins.join("edge-agent"), &dir)
+            .flag("client-id", BAD_CLIENT)
+            .flag("listen", format!("tcp://127.0.0.1:{port}"))
+            .flag("postgres-url", &pg)
+            .flag("mqtt-port", mqtt_port)
+            .flag("mqtt-client-id", test_support::unique_name("chaos_bad_agent"))
+            .flag("topic-prefix", &prefix)
+            .flag("http-listen", &http)
+            .flag("confirm", "ingest")
+            .env("RUST_LOG", "info");
+        bad_agent = Some((Daemon::start(spec, http, Some(AGENT_READY), START_WITHIN).await?, pg, port));
+    }
 
     // --- stream known readings ---------------------------------------------------
     let emission = form.fault_at + fault.expected_duration(form) + form.tail;
@@ -572,6 +630,38 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         });
     }
 
+    let bad_ts_step = BAD_SPAN_DAYS * 86_400_000_000 / i64::try_from(per_emulator.max(1))?;
+    if let Some((_, _, port)) = &bad_agent {
+        let start_ts = (real_now_s - BAD_SPAN_DAYS * 86_400) * 1_000_000;
+        let ts_step = bad_ts_step;
+        let (kind, name, sensors, seed) = (SensorKind::Temperature, "bad", 1usize, 3000u64);
+        let spec = Spec::new("emulator-bad", env.bins.join(kind.name()), &dir)
+            .flag("connect", format!("tcp://127.0.0.1:{port}"))
+            .flag("rate", rate)
+            .flag("count", per_emulator)
+            .flag("sensors", sensors)
+            .flag("prefix", name)
+            .flag("frame", 50)
+            .flag("seed", seed)
+            .flag("start-ts", start_ts)
+            .flag("ts-step", ts_step)
+            .arg("--reliable")
+            .arg("--quiet")
+            .env("RUST_LOG", "info");
+        emulators.push(Emulator::start(spec)?);
+        streams.push(EmittedStream {
+            client_id: BAD_CLIENT.to_owned(),
+            kind,
+            prefix: name.to_owned(),
+            sensors,
+            seed,
+            start_ts,
+            ts_step,
+            generated: 0,
+            acked: 0,
+        });
+    }
+
     // --- the fault -----------------------------------------------------------------
     tokio::time::sleep(form.fault_at).await;
     let mut notes = Vec::new();
@@ -579,6 +669,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let mut answering_at = None;
     let mut stall_reported = None;
     let mut flood_base_rss = None;
+    let mut healthy_gap = None;
     match fault {
         Fault::KillAgent => {
             agent.kill().await;
@@ -597,6 +688,25 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             blocking(move || p.thaw()).await?;
             answering_at = Some(Instant::now());
             stall_reported = Some(reported);
+        }
+        Fault::BadClockDevice => {
+            // The fault runs from the start; here the healthy stream's
+            // progress is watched while the bad one is isolated.
+            let healthy = format!(
+                "SELECT count() FROM (SELECT sensor, ts FROM `{database}`.readings \
+                 WHERE client_id = '{client_id}' GROUP BY sensor, ts)"
+            );
+            let (mut last, mut since, mut worst) = (0, Instant::now(), Duration::ZERO);
+            // Until the emulators stop emitting: later there is nothing new to store.
+            while fault_start.elapsed() < form.outage + form.tail {
+                let n = query_count(&ch, &healthy).await.unwrap_or(0);
+                if n > last {
+                    worst = worst.max(since.elapsed());
+                    (last, since) = (n, Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            healthy_gap = Some(worst.max(since.elapsed()));
         }
         Fault::OversizeFlood => {
             let dir = dir.clone();
@@ -663,7 +773,19 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         }
     }
     let load_done = fault_end.elapsed();
-    let expected = Expected::new(&streams);
+    let mut expected = Expected::new(&streams);
+    // bad-clock-device: the readings ClickHouse refuses must be rejected
+    // (checked below), not stored; so may the others of a batch that holds
+    // one (the server isolates messages, not readings): the next
+    // `batch_max_readings` (2,000) after the limit may go either way.
+    let straddle_us = BAD_BATCH_READINGS * bad_ts_step;
+    let (refused, excused) = if bad_clock {
+        let mut strict = expected.clone();
+        let refused = strict.excuse(|id| id.0 == BAD_CLIENT && id.2 < refused_before_us);
+        (refused, expected.excuse(|id| id.0 == BAD_CLIENT && id.2 < refused_before_us + straddle_us))
+    } else {
+        (0, 0)
+    };
     let want = expected.obligations();
     let db = format!("`{database}`");
     let distinct_sql =
@@ -711,6 +833,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         if (d == r && p == 0) || Instant::now() > settle_deadline {
             if p != 0 {
                 notes.push(format!("rollup markers still pending after 60 s: {p}"));
+            } else if d != r {
+                notes.push(format!("after 60 s the rollup counts {r} readings, the raw table holds {d}"));
             }
             break;
         }
@@ -754,6 +878,57 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         if held == 0.0 && fault == Fault::QuotaReached {
             error = Some("the quota was never reached: the scenario did not exercise its fault".to_owned());
         }
+    }
+    if let Some((bad, pg, _)) = &mut bad_agent {
+        // Its outbox must drain: rejected rows deleted, not republished forever.
+        let drain_deadline = Instant::now() + Duration::from_secs(60);
+        let mut outbox = bad.metric("telemetry_agent_outbox_rows").await;
+        while outbox != Some(0.0) && Instant::now() < drain_deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            outbox = bad.metric("telemetry_agent_outbox_rows").await;
+        }
+        let agent_rejected = bad.metric("telemetry_agent_readings_rejected_by_ingest_total").await.unwrap_or(0.0);
+        let ingest = &ingests[0];
+        let server_rejected = ingest.metric("telemetry_ingest_rejected_readings_total").await.unwrap_or(0.0);
+        let messages = ingest.metric("telemetry_ingest_rejected_messages_total").await.unwrap_or(0.0);
+        let dead = query_count(
+            &ch,
+            &format!("SELECT count() FROM {db}.ingest_errors WHERE reason = 'insert_rejected' AND client_id = '{BAD_CLIENT}'"),
+        )
+        .await
+        .unwrap_or(0);
+        let refused_stored = query_count(
+            &ch,
+            &format!("SELECT count() FROM {db}.readings WHERE client_id = '{BAD_CLIENT}' AND ts < {refused_before_us}"),
+        )
+        .await
+        .unwrap_or(u64::MAX);
+        let gap = healthy_gap.unwrap_or(Duration::MAX);
+        notes.push(format!(
+            "{refused} acked readings of {BAD_CLIENT} are older than {BAD_REFUSED_DAYS} days ({excused} with the rest \
+             of their batches): {server_rejected} readings \
+             in {messages} messages rejected by the server ({dead} dead letters), {agent_rejected} counted by its \
+             agent, {refused_stored} stored; its outbox {outbox:?}; healthy stream's longest wait for a stored \
+             reading {:.1} s",
+            gap.as_secs_f64()
+        ));
+        error = error.or_else(|| {
+            if refused == 0 || messages == 0.0 || dead == 0 {
+                Some("no reading was refused and rejected: the scenario did not exercise its fault".to_owned())
+            } else if server_rejected < refused as f64 {
+                Some(format!("{refused} refused readings, but the server rejected only {server_rejected}"))
+            } else if refused_stored != 0 {
+                Some(format!("{refused_stored} readings ClickHouse refuses are stored"))
+            } else if outbox != Some(0.0) {
+                Some(format!("{BAD_CLIENT}'s outbox did not drain ({outbox:?}): rejected rows still republished"))
+            } else if gap > BAD_MAX_HEALTHY_GAP {
+                Some(format!("the healthy stream waited {:.1} s for a stored reading", gap.as_secs_f64()))
+            } else {
+                None
+            }
+        });
+        let _ = bad.terminate(Duration::from_secs(20)).await;
+        test_support::drop_pg_database(&env.stack, pg).await;
     }
     if fault == Fault::OversizeFlood {
         let ingest = &ingests[0];

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub insert_isolations: Counter,
     /// Messages isolated by bisection and rejected (dead-lettered, reported to agents).
     pub rejected_messages: Counter,
+    /// New readings in those messages.
+    pub rejected_readings: Counter,
     /// Rollup passes run.
     pub rollup_passes: Counter,
     /// Rollup markers written.
@@ -136,6 +138,7 @@ impl Metrics {
             insert_isolations: Counter::default(),
             api_busy: Counter::default(),
             rejected_messages: Counter::default(),
+            rejected_readings: Counter::default(),
             dedup_streams_evicted: Counter::default(),
             rollup_passes: Counter::default(),
             rollup_markers: Counter::default(),
@@ -199,6 +202,11 @@ impl Metrics {
             "rejected_messages",
             "Messages whose readings ClickHouse refuses alone: dead-lettered and reported to their agents as rejected",
             m.rejected_messages.clone(),
+        );
+        registry.register(
+            "rejected_readings",
+            "New readings in rejected messages (dead-lettered, reported to their agents as rejected)",
+            m.rejected_readings.clone(),
         );
         registry.register("rollup_passes", "Rollup passes run", m.rollup_passes.clone());
         registry.register("rollup_markers", "Rollup markers written", m.rollup_markers.clone());

@@ -253,6 +253,20 @@ impl Store {
         self.retry_within(table, Some(self.budget), attempt).await
     }
 
+    /// [`Store::retry_budgeted`] that gives up at the first refusal (an
+    /// outage is still retried): for the pieces of a job being bisected,
+    /// where the whole job already spent the budget.
+    ///
+    /// # Errors
+    /// As [`Store::retry_budgeted`].
+    pub async fn retry_until_refused<T, F, Fut>(&self, table: &'static str, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, clickhouse::error::Error>>,
+    {
+        self.retry_within(table, Some(1), attempt).await
+    }
+
     async fn retry_within<T, F, Fut>(
         &self,
         table: &'static str,
@@ -295,7 +309,12 @@ impl Store {
                 ErrorClass::Unknown => {
                     refusals += 1;
                     if budget.is_some_and(|b| refusals >= b) {
-                        tracing::warn!(table, refusals, %error, "ClickHouse keeps refusing this request; giving up on it as a whole");
+                        if budget == Some(1) {
+                            // A piece of a bisection: the writer logs the outcome.
+                            tracing::debug!(table, %error, "ClickHouse refuses this piece");
+                        } else {
+                            tracing::warn!(table, refusals, %error, "ClickHouse keeps refusing this request; giving up on it as a whole");
+                        }
                         return Err(StoreError::Exhausted { attempts: refusals, error });
                     }
                 }

@@ -293,16 +293,45 @@ impl Writer {
     /// group whole; readings already in from an earlier group collapse by
     /// identity.
     async fn insert_readings(&self, job: &Job, parts: &[usize], days: &BTreeSet<i64>) -> Result<(), StoreError> {
-        if days.len() <= MAX_PARTITIONS_PER_INSERT {
-            return self.store.retry_budgeted("readings", || self.insert_readings_once(job, parts, None)).await;
+        self.insert_readings_within(job, parts, days, false).await
+    }
+
+    /// [`Writer::insert_readings`]; `piece` (a part of a job being bisected)
+    /// gives up at the first refusal instead of spending the retry budget.
+    async fn insert_readings_within(
+        &self,
+        job: &Job,
+        parts: &[usize],
+        days: &BTreeSet<i64>,
+        piece: bool,
+    ) -> Result<(), StoreError> {
+        let groups = if days.len() <= MAX_PARTITIONS_PER_INSERT { vec![] } else { partition_groups(days) };
+        if !groups.is_empty() {
+            tracing::info!(days = days.len(), inserts = groups.len(), "readings span many daily partitions; split");
         }
-        let groups = partition_groups(days);
-        tracing::info!(days = days.len(), inserts = groups.len(), "readings span many daily partitions; split");
+        if groups.is_empty() {
+            return self.insert_group(job, parts, None, piece).await;
+        }
         for group in &groups {
-            self.store.retry_budgeted("readings", || self.insert_readings_once(job, parts, Some(group))).await?;
+            self.insert_group(job, parts, Some(group), piece).await?;
         }
         self.store.metrics().split_inserts.inc();
         Ok(())
+    }
+
+    async fn insert_group(
+        &self,
+        job: &Job,
+        parts: &[usize],
+        group: Option<&BTreeSet<i64>>,
+        piece: bool,
+    ) -> Result<(), StoreError> {
+        let attempt = || self.insert_readings_once(job, parts, group);
+        if piece {
+            self.store.retry_until_refused("readings", attempt).await
+        } else {
+            self.store.retry_budgeted("readings", attempt).await
+        }
     }
 
     /// After the job's readings insert failed for good (`error`): bisects
@@ -332,7 +361,7 @@ impl Writer {
             }
             let (left, right) = parts.split_at(parts.len() / 2);
             for half in [left, right] {
-                match self.insert_readings(job, half, &days_of(job, half)).await {
+                match self.insert_readings_within(job, half, &days_of(job, half), true).await {
                     Ok(()) => {}
                     Err(StoreError::Permanent(e) | StoreError::Exhausted { error: e, .. }) => {
                         failed.push((half.to_vec(), e));
@@ -355,7 +384,9 @@ impl Writer {
                 reason,
                 publish.payload.clone(),
             ));
-            job.rows -= part.fresh.iter().map(|(lo, hi)| (hi - lo + 1) as usize).sum::<usize>();
+            let readings = part.fresh.iter().map(|(lo, hi)| (hi - lo + 1) as usize).sum::<usize>();
+            job.rows -= readings;
+            m.rejected_readings.inc_by(readings as u64);
             let client = part.batch.client_id;
             job.rejected.extend(part.fresh.iter().map(|&(lo, hi)| (client.clone(), part.batch.epoch, lo, hi)));
         }
