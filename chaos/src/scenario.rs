@@ -52,6 +52,10 @@ pub enum Fault {
     /// readings older than 100 days (forced on 18.16 with a `throwIf`
     /// column, as current ClickHouse refuses inserts over 100 partitions).
     BadClockDevice,
+    /// SIGKILL the ingest server mid-stream after adding 10^6 stored ranges
+    /// of other clients to `ingested_ranges`; start it again: it loads them
+    /// all (start-up time and RSS reported) and dedups the stream exactly.
+    RestartWithHistory,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -65,7 +69,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -80,6 +84,7 @@ impl Fault {
         Self::ClickhouseStall,
         Self::OversizeFlood,
         Self::BadClockDevice,
+        Self::RestartWithHistory,
     ];
 
     /// The scenario's name (as on the command line).
@@ -100,6 +105,7 @@ impl Fault {
             Self::ClickhouseStall => "clickhouse-stall",
             Self::OversizeFlood => "oversize-flood",
             Self::BadClockDevice => "bad-clock-device",
+            Self::RestartWithHistory => "restart-with-history",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -147,6 +153,10 @@ impl Fault {
                  on client topics, with mosquitto_pub",
                 FLOOD_BYTES
             ),
+            Self::RestartWithHistory => format!(
+                "{HISTORY_RANGES} stored ranges of {HISTORY_CLIENTS} other clients added to `ingested_ranges`; \
+                 SIGKILL ingest-server, start it again after {gap} s"
+            ),
             Self::BadClockDevice => format!(
                 "a second agent `{BAD_CLIENT}` (`confirm = ingest`) whose readings span {BAD_SPAN_DAYS} days, among \
                  the healthy one; ClickHouse refuses those older than {BAD_REFUSED_DAYS} days (a `throwIf` column \
@@ -184,7 +194,9 @@ impl Fault {
     fn expected_duration(self, form: &Form) -> Duration {
         match self {
             Self::KillAgent => Duration::from_secs(1),
-            Self::KillIngest | Self::SharedGroupKill | Self::EndToEndKillIngest => form.kill_gap,
+            Self::KillIngest | Self::SharedGroupKill | Self::EndToEndKillIngest | Self::RestartWithHistory => {
+                form.kill_gap
+            }
             Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
                 form.restart_pause + Duration::from_secs(1)
             }
@@ -361,6 +373,13 @@ const TS_STEP: i64 = 20_000;
 /// How far behind the real clock the synthetic timestamps start: readings
 /// arriving hours late (every scenario; the second stream of skewed-clocks).
 const LATE_SECS: i64 = 3 * 3600;
+/// restart-with-history: stored ranges added before the restart (disjoint:
+/// none merges with another in the dedup memory).
+const HISTORY_RANGES: u64 = 1_000_000;
+
+/// restart-with-history: the clients they belong to.
+const HISTORY_CLIENTS: u64 = 10_000;
+
 /// bad-clock-device: the misbehaving device.
 const BAD_CLIENT: &str = "chaos-bad";
 
@@ -720,6 +739,26 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             // both streams flow through the pair (the clock logs, read at
             // the end, show what each server did in it).
             tokio::time::sleep(form.outage).await;
+        }
+        Fault::RestartWithHistory => {
+            let history = format!(
+                "INSERT INTO `{database}`.ingested_ranges (client_id, epoch, first_seq, last_seq, inserted_at) \
+                 SELECT concat('history-', toString(number % {HISTORY_CLIENTS})), 1, \
+                 intDiv(number, {HISTORY_CLIENTS}) * 200 + 1, intDiv(number, {HISTORY_CLIENTS}) * 200 + 100, now() \
+                 FROM numbers({HISTORY_RANGES})"
+            );
+            ch.query(&history).execute().await.context("add the history")?;
+            let victim = &mut ingests[0];
+            victim.kill().await;
+            tokio::time::sleep(form.kill_gap).await;
+            let started = Instant::now();
+            victim.restart(START_WITHIN).await?;
+            let startup = started.elapsed();
+            let rss = victim.peak_rss_mib().map_or_else(|| "?".to_owned(), |m| m.to_string());
+            notes.push(format!(
+                "restart with {HISTORY_RANGES} stored ranges: subscribed after {:.1} s, peak RSS {rss} MiB",
+                startup.as_secs_f64()
+            ));
         }
         Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill => {
             let victim = &mut ingests[0];
