@@ -460,6 +460,10 @@ pub fn bind_live_series(
     query.bind(limit)
 }
 
+/// Placeholders for the client id in [`live_rows_sql`] with `one_client`:
+/// the rollup side's filter and the pending set's three reads.
+pub const LIVE_ROWS_CLIENT_BINDS: usize = 4;
+
 /// A name in the `readings_1m_live` definition that only the current
 /// definition has: [`crate::schema::ensure`] replaces a view without it
 /// (a view holds no data).
@@ -494,21 +498,31 @@ pub fn live_view_sql(tables: &Tables, flavor: Flavor) -> String {
     format!(
         "CREATE VIEW IF NOT EXISTS {view} AS\n{body}",
         view = tables.readings_1m_live,
-        body = live_rows_sql(tables, flavor, None)
+        body = live_rows_sql(tables, flavor, None, false)
     )
 }
 
 /// The rows of `readings_1m_live` (see [`live_view_sql`] for why this
 /// form), for minutes from `from_s` on (Unix seconds, a whole minute) when
-/// given: both sides are filtered in the query itself, so their cost
-/// follows the window whether or not ClickHouse pushes a `WHERE` into a
-/// view. Columns: `client_id, sensor, minute, count, sum, avg, min, max`.
+/// given, and of one client when `one_client` (then bind its id
+/// [`LIVE_ROWS_CLIENT_BINDS`] times, before any later placeholder): both
+/// sides are filtered in the query itself, so their cost follows the window
+/// and the client whether or not ClickHouse pushes a `WHERE` into a view.
+/// Columns: `client_id, sensor, minute, count, sum, avg, min, max`.
 #[must_use]
-pub fn live_rows_sql(tables: &Tables, flavor: Flavor, from_s: Option<i64>) -> String {
-    // An integer of ours, not caller input: safe to inline.
-    let (rollup_filter, pending_filter) = match from_s {
-        Some(from) => (format!("\n    WHERE minute >= toDateTime({from})"), format!("minute >= toDateTime({from})")),
-        None => (String::new(), "1".to_owned()),
+pub fn live_rows_sql(tables: &Tables, flavor: Flavor, from_s: Option<i64>, one_client: bool) -> String {
+    let mut filters = Vec::new();
+    if let Some(from) = from_s {
+        // An integer of ours, not caller input: safe to inline.
+        filters.push(format!("minute >= toDateTime({from})"));
+    }
+    if one_client {
+        filters.push("client_id = ?".to_owned());
+    }
+    let (rollup_filter, pending_filter) = if filters.is_empty() {
+        (String::new(), "1".to_owned())
+    } else {
+        (format!("\n    WHERE {}", filters.join(" AND ")), filters.join(" AND "))
     };
     let pending = pending_pairs_sql(tables, &pending_filter);
     let oldest = match flavor {

@@ -164,6 +164,14 @@ impl Seeded {
     }
 
     /// Deduplicated count and mean of one sensor's readings with `ts >= from_us`.
+    async fn raw_latest(&self, client_id: &str, sensor: &str) -> (f64, i64) {
+        let sql = format!(
+            "SELECT argMax(value, ts), max(ts) FROM `{db}`.readings WHERE client_id = ? AND sensor = ?",
+            db = self.world.database
+        );
+        self.world.ch().query(&sql).bind(client_id).bind(sensor).fetch_one::<(f64, i64)>().await.unwrap()
+    }
+
     async fn raw_window(&self, client_id: &str, sensor: &str, from_us: i64) -> (u64, f64) {
         #[derive(Row, Deserialize)]
         struct R {
@@ -417,9 +425,14 @@ async fn api_numbers_match_clickhouse() {
         assert_eq!(rows.len(), sensors.len());
         for row in rows {
             let sensor = row["sensor"].as_str().unwrap();
+            let (value, ts) = seeded.raw_latest(client_id, sensor).await;
+            assert_eq!(row["last_ms"], ts.div_euclid(1000), "{client_id}/{sensor}: latest reading's time");
+            assert_eq!(row["last"].as_f64(), Some(value), "{client_id}/{sensor}: latest value");
             for w in row["windows"].as_array().unwrap() {
                 let minutes = w["minutes"].as_i64().unwrap();
-                let (n, mean) = seeded.raw_window(client_id, sensor, (now_ms - minutes * 60_000) * 1000).await;
+                let from_ms = w["from_ms"].as_i64().unwrap();
+                assert_eq!(from_ms, (now_ms - minutes * 60_000).div_euclid(60_000) * 60_000, "whole minutes");
+                let (n, mean) = seeded.raw_window(client_id, sensor, from_ms * 1000).await;
                 assert_eq!(w["count"], n, "{client_id}/{sensor}/{minutes}");
                 match w["avg"].as_f64() {
                     Some(avg) => assert!(close(avg, mean), "{client_id}/{sensor}/{minutes}: {avg} vs {mean}"),
@@ -499,12 +512,25 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
     let from_s = (now_s - 50).div_euclid(60) * 60;
     let in_window = (1..=4).filter(|k| now_us - k * 20_000_000 - 500 >= from_s * 1_000_000).count();
     let recent = format!("a\t{in_window}\t");
+    // Averages over whole minutes: count and sum of the distinct readings
+    // (value k at now - k * 20 s) whose minute starts at or after each window.
+    let averages = {
+        let mut out = "s".to_owned();
+        for minutes in queries::AVERAGE_WINDOWS {
+            let start = queries::window_start(now_us, minutes);
+            let ks: Vec<i64> =
+                (1..=4).filter(|k| (now_us - k * 20_000_000 - 500).div_euclid(60_000_000) * 60 >= start).collect();
+            out.push_str(&format!("\t{}\t{}", ks.len(), ks.iter().sum::<i64>()));
+        }
+        out + "\t"
+    };
     let checks: Vec<(clickhouse::query::Query, &str)> = vec![
         (queries::rollup_clients(&c, &tables, now_s, 10), "a\t['s']\t"),
         (queries::recent_clients(&c, &tables, flavor, from_s), &recent),
         (queries::statuses(&c, &tables, 10), "a\t2\t9\t"),
         (queries::series(&c, &tables, flavor, "a", Some("s"), now_s - 3600, &[]), "s\t"),
-        (queries::averages(&c, &tables, flavor, "a", None, now_us), "s\t2\t1.5\t4\t2.5\t4\t2.5\t1\t"),
+        (queries::averages(&c, &tables, flavor, "a", None, now_us), &averages),
+        (queries::latest(&c, &tables, flavor, "a", None, from_s * 1_000_000), "s\t1\t"),
         (queries::recent_errors(&c, &tables, Some("a"), 5), "t/client/a\ta\tempty\te\t3\t78797A"),
         (queries::error_counts(&c, &tables, None), "empty\t1"),
     ];
@@ -730,7 +756,8 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
             sensor = t.attr("data-sensor");
         } else if let (Some((client_id, now_ms)), Some(sensor), Some(w)) = (current, sensor, t.attr("data-window")) {
             let minutes: i64 = w.parse().unwrap();
-            let (n, mean) = seeded.raw_window(client_id, sensor, (now_ms - minutes * 60_000) * 1000).await;
+            let from_ms = (now_ms - minutes * 60_000).div_euclid(60_000) * 60_000;
+            let (n, mean) = seeded.raw_window(client_id, sensor, from_ms * 1000).await;
             let what = format!("average {client_id}/{sensor}/{minutes} min");
             assert_eq!(t.num("data-count"), n as f64, "{what}");
             if n > 0 {

@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected) |
 //! | `GET /api/series` | `client_id` (required), `sensor` (optional: all), `minutes` (1..=1440, default 60) | the 1-minute rollup: count, avg, min, max per minute |
-//! | `GET /api/averages` | `client_id` (required), `sensor` (optional) | per sensor: count and mean of the deduplicated readings over the last 1, 5 and 30 minutes, and the latest value |
+//! | `GET /api/averages` | `client_id` (required), `sensor` (optional) | per sensor: count and mean of the deduplicated readings over the whole minutes since the start of the minute 1, 5 and 30 minutes ago (`from_ms` per window; from the rollup, raw rows only for minutes not folded yet), and the latest value (raw rows of its last minute) |
 //! | `GET /api/health` | none | the server's own counters: received, stored, duplicates, dead letters, insert latency, unacked; ClickHouse reachability |
 //! | `GET /api/errors` | `client_id` (optional), `limit` (1..=1000, default 20) | dead letters per reason, and the latest ones (payload size and first 32 bytes in hex) |
 //!
@@ -416,6 +416,8 @@ impl Api {
 pub struct Window {
     /// Its length.
     pub minutes: u32,
+    /// Its start: the start of the minute `minutes` before `now_ms`.
+    pub from_ms: i64,
     /// Readings in it.
     pub count: u64,
     /// Their mean (`null` without readings).
@@ -452,21 +454,37 @@ impl Api {
         let p = Params::parse(raw, &["client_id", "sensor"])?;
         let (client_id, sensor) = (p.client_id()?, p.optional_sensor()?);
         let now = now_us();
-        let query = queries::averages(&self.client, &self.tables, self.flavor, &client_id, sensor.as_deref(), now);
-        let rows = self.fetch::<queries::AverageRow>(query).await?;
-        let mean = |count: u64, avg: f64| (count > 0).then_some(avg);
+        let (c, t, flavor, sensor_ref) = (&self.client, &self.tables, self.flavor, sensor.as_deref());
+        let rows =
+            self.fetch::<queries::AverageRow>(queries::averages(c, t, flavor, &client_id, sensor_ref, now)).await?;
+        // The latest values: raw rows from the earliest of the sensors' last minutes.
+        let latest = match rows.iter().map(|r| r.last_minute).min() {
+            Some(from) => {
+                let query = queries::latest(c, t, flavor, &client_id, sensor_ref, i64::from(from) * 1_000_000);
+                self.fetch::<queries::LatestRow>(query).await?
+            }
+            None => Vec::new(),
+        };
+        let latest: BTreeMap<String, (f64, i64)> =
+            latest.into_iter().map(|l| (l.sensor, (l.last, l.last_ts))).collect();
+        let mean = |count: u64, sum: f64| (count > 0).then(|| sum / count as f64);
         let [w1, w5, w30] = AVERAGE_WINDOWS;
+        let window = |minutes: u32, count: u64, sum: f64| Window {
+            minutes,
+            from_ms: queries::window_start(now, minutes) * 1000,
+            count,
+            avg: mean(count, sum),
+        };
         let sensors = rows
             .into_iter()
-            .map(|r| SensorAverages {
-                last: r.last,
-                last_ms: r.last_ts.div_euclid(1000),
-                windows: vec![
-                    Window { minutes: w1, count: r.c1, avg: mean(r.c1, r.a1) },
-                    Window { minutes: w5, count: r.c5, avg: mean(r.c5, r.a5) },
-                    Window { minutes: w30, count: r.c30, avg: mean(r.c30, r.a30) },
-                ],
-                sensor: r.sensor,
+            .map(|r| {
+                let (last, last_ts) = latest.get(&r.sensor).copied().unwrap_or((f64::NAN, 0));
+                SensorAverages {
+                    last,
+                    last_ms: last_ts.div_euclid(1000),
+                    windows: vec![window(w1, r.c1, r.s1), window(w5, r.c5, r.s5), window(w30, r.c30, r.s30)],
+                    sensor: r.sensor,
+                }
             })
             .collect();
         Ok(AveragesAnswer { client_id, now_ms: now.div_euclid(1000), windows_min: AVERAGE_WINDOWS, sensors })

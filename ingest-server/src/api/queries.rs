@@ -89,7 +89,7 @@ pub fn recent_clients(client: &Client, tables: &Tables, flavor: Flavor, from_s: 
         "SELECT client_id, toUInt64(sum(count)) AS recent, toUInt32(max(minute)) AS last_minute
 FROM ({live})
 GROUP BY client_id",
-        live = crate::rollup::live_rows_sql(tables, flavor, Some(from_s)),
+        live = crate::rollup::live_rows_sql(tables, flavor, Some(from_s), false),
     );
     client.query(&sql)
 }
@@ -176,25 +176,33 @@ pub fn series(
 pub struct AverageRow {
     /// The sensor.
     pub sensor: String,
-    /// Readings and mean over the last minute.
+    /// Readings and their sum in the shortest window.
     pub c1: u64,
     /// See `c1`.
-    pub a1: f64,
-    /// Readings and mean over the last 5 minutes.
+    pub s1: f64,
+    /// Readings and their sum in the middle window.
     pub c5: u64,
     /// See `c5`.
-    pub a5: f64,
-    /// Readings and mean over the last 30 minutes.
+    pub s5: f64,
+    /// Readings and their sum in the longest window.
     pub c30: u64,
     /// See `c30`.
-    pub a30: f64,
-    /// The latest value.
-    pub last: f64,
-    /// Its time, µs.
-    pub last_ts: i64,
+    pub s30: f64,
+    /// Its latest minute with readings, Unix seconds.
+    pub last_minute: u32,
 }
 
-/// Means of deduplicated raw readings over the [`AVERAGE_WINDOWS`] ending at `now_us`.
+/// The start (Unix seconds) of the window of `minutes` whole minutes that
+/// ends with the minute of `now_us`: the averages count whole minutes, so
+/// that folded ones come from the rollup.
+#[must_use]
+pub fn window_start(now_us: i64, minutes: u32) -> i64 {
+    (now_us.div_euclid(1_000_000) - i64::from(minutes) * 60).div_euclid(60) * 60
+}
+
+/// Counts and sums of one client's readings per sensor over the
+/// [`AVERAGE_WINDOWS`] (whole minutes, see [`window_start`]), from the
+/// rollup (raw rows only for minutes not folded yet).
 pub fn averages(
     client: &Client,
     tables: &Tables,
@@ -203,29 +211,64 @@ pub fn averages(
     sensor: Option<&str>,
     now_us: i64,
 ) -> Query {
-    let p = flavor.ts_param();
+    let [w1, w5, w30] = AVERAGE_WINDOWS.map(|m| window_start(now_us, m));
+    // Integers of ours: inlined; the client and sensor are bound.
     let sql = format!(
-        "SELECT sensor, countIf(ts >= {p}) AS c1, avgIf(value, ts >= {p}) AS a1,
-       countIf(ts >= {p}) AS c5, avgIf(value, ts >= {p}) AS a5,
-       count() AS c30, avg(value) AS a30, argMax(value, ts) AS last, {last_ts} AS last_ts
-FROM (
-    SELECT sensor, ts, any(value) AS value FROM {t}
-    WHERE client_id = ?{s} AND {since}
-    GROUP BY sensor, ts
-)
+        "SELECT sensor, toUInt64(sumIf(count, minute >= toDateTime({w1}))) AS c1, sumIf(sum, minute >= toDateTime({w1})) AS s1,
+       toUInt64(sumIf(count, minute >= toDateTime({w5}))) AS c5, sumIf(sum, minute >= toDateTime({w5})) AS s5,
+       toUInt64(sum(count)) AS c30, sum(sum) AS s30, toUInt32(max(minute)) AS last_minute
+FROM ({live})
+WHERE 1{s}
+GROUP BY sensor ORDER BY sensor",
+        live = crate::rollup::live_rows_sql(tables, flavor, Some(w30), true),
+        s = if sensor.is_some() { " AND sensor = ?" } else { "" },
+    );
+    let mut query = client.query(&sql);
+    for _ in 0..crate::rollup::LIVE_ROWS_CLIENT_BINDS {
+        query = query.bind(client_id);
+    }
+    if let Some(sensor) = sensor {
+        query = query.bind(sensor);
+    }
+    query
+}
+
+/// The latest reading of one sensor.
+#[derive(Debug, Row, Deserialize)]
+pub struct LatestRow {
+    /// The sensor.
+    pub sensor: String,
+    /// Its value.
+    pub last: f64,
+    /// Its time, µs.
+    pub last_ts: i64,
+}
+
+/// The latest reading per sensor of one client, from raw rows since
+/// `from_us` (the earliest of the sensors' last minutes: usually the
+/// current one, so the read is a minute of one client).
+pub fn latest(
+    client: &Client,
+    tables: &Tables,
+    flavor: Flavor,
+    client_id: &str,
+    sensor: Option<&str>,
+    from_us: i64,
+) -> Query {
+    let sql = format!(
+        "SELECT sensor, argMax(value, ts) AS last, {last_ts} AS last_ts FROM {t}
+WHERE client_id = ?{s} AND {since}
 GROUP BY sensor ORDER BY sensor",
         last_ts = micros(flavor, "max(ts)"),
         t = tables.readings,
         s = if sensor.is_some() { " AND sensor = ?" } else { "" },
         since = since_sql(flavor),
     );
-    let from = |minutes: u32| now_us - i64::from(minutes) * 60_000_000;
-    let [w1, w5, w30] = AVERAGE_WINDOWS;
-    let mut query = client.query(&sql).bind(from(w1)).bind(from(w1)).bind(from(w5)).bind(from(w5)).bind(client_id);
+    let mut query = client.query(&sql).bind(client_id);
     if let Some(sensor) = sensor {
         query = query.bind(sensor);
     }
-    bind_since(query, flavor, from(w30))
+    bind_since(query, flavor, from_us)
 }
 
 /// A dead letter, without its payload (only size and first bytes).
@@ -318,6 +361,7 @@ mod tests {
                 pending_minutes(&c, &t, "a", 5),
                 averages(&c, &t, flavor, "a", None, 1_700_000_000_000_000),
                 averages(&c, &t, flavor, "a", Some("s"), 1_700_000_000_000_000),
+                latest(&c, &t, flavor, "a", Some("s"), 1_700_000_000_000_000),
                 recent_errors(&c, &t, None, 5),
                 recent_errors(&c, &t, Some("a"), 5),
                 error_counts(&c, &t, Some("a")),
@@ -329,12 +373,15 @@ mod tests {
     }
 
     #[test]
-    fn windows_end_at_the_given_instant() {
-        let c = Client::default();
+    fn windows_are_whole_minutes_ending_with_the_given_instant() {
+        // 1_700_000_000 s is 20 s into its minute.
         let now = 1_700_000_000_000_000;
-        let sql = text(&averages(&c, &Tables::new("db"), Flavor::Legacy, "a", None, now));
-        assert!(sql.contains(&format!("countIf(ts >= toInt64({})) AS c1", now - 60_000_000)), "{sql}");
-        assert!(sql.contains(&format!("countIf(ts >= toInt64({})) AS c5", now - 300_000_000)), "{sql}");
-        assert!(sql.contains(&format!("ts >= toInt64({})", now - 1_800_000_000)), "{sql}");
+        assert_eq!(window_start(now, 1), 1_700_000_000 - 20 - 60);
+        assert_eq!(window_start(now, 5), 1_700_000_000 - 20 - 300);
+        assert_eq!(window_start(now, 30), 1_700_000_000 - 20 - 1800);
+        let sql = text(&averages(&Client::default(), &Tables::new("db"), Flavor::Legacy, "a", None, now));
+        assert!(sql.contains(&format!("sumIf(count, minute >= toDateTime({}))) AS c1", 1_699_999_920)), "{sql}");
+        assert!(sql.contains(&format!("minute >= toDateTime({})", 1_699_998_180)), "the 30-minute window: {sql}");
+        assert!(!sql.contains('?'), "every placeholder bound: {sql}");
     }
 }
