@@ -79,14 +79,15 @@ async fn broker_stopped_for_seconds_mid_stream_loses_nothing() {
     let agent = Agent::start(agent_config(&pg, broker.port, &prefix), CancellationToken::new()).await.unwrap();
     let n = 24_000;
     let (progress, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::PerSecond(4000), "t"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acked = || progress.acked.load(std::sync::atomic::Ordering::Relaxed);
+    eventually(Duration::from_secs(20), "readings flow before the fault", || acked() > 4000).await;
     broker.stop();
-    let acked_while_down = progress.acked.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(
-        progress.acked.load(std::sync::atomic::Ordering::Relaxed) > acked_while_down,
-        "the outbox keeps accepting while the broker is down"
-    );
+    let acked_while_down = acked();
+    // Down for as long as 8,000 more readings take (2 s at this rate).
+    eventually(Duration::from_secs(20), "the outbox keeps accepting while the broker is down", || {
+        acked() > acked_while_down + 8000
+    })
+    .await;
     broker.restart();
     assert_eq!(emu.await.unwrap().acked, n);
     eventually(Duration::from_secs(60), "outbox drained after the broker returned", || {
@@ -110,8 +111,11 @@ async fn postgres_restarted_mid_stream_loses_no_acked_reading() {
     let agent =
         Agent::start(agent_config(&pg.pg_url(), stack.mqtt_port, &prefix), CancellationToken::new()).await.unwrap();
     let n = 20_000;
-    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::PerSecond(4000), "p"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (progress, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), n, Rate::PerSecond(4000), "p"));
+    eventually(Duration::from_secs(20), "readings flow before the fault", || {
+        progress.acked.load(std::sync::atomic::Ordering::Relaxed) > 4000
+    })
+    .await;
     pg.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.restart();

@@ -432,6 +432,16 @@ impl Binary {
         self.child.wait().expect("wait for the binary")
     }
 
+    /// Received and inserted readings, from one `/metrics` answer (0 when
+    /// unanswered).
+    pub async fn received_and_inserted(&self) -> (f64, f64) {
+        let body = http_get(&self.http, "/metrics").await.unwrap_or_default();
+        let value = |name: &str| {
+            body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+        };
+        (value("telemetry_ingest_received_readings_total"), value("telemetry_ingest_inserted_readings_total"))
+    }
+
     /// A counter or gauge value from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let body = http_get(&self.http, "/metrics").await?;
