@@ -38,7 +38,6 @@ pub mod window;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -255,11 +254,9 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
     tracing::info!(outbox_rows = shared.outbox_size().0, "stopped");
 }
 
-/// Exponential backoff with jitter, without a limit on attempts. backon's
-/// jitter adds up to 100% of the delay, so a delay can reach `2 * max`.
-#[must_use]
-pub fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::new().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times().build()
-}
+/// The retry schedule shared with the ingest server ([`mqtt_secure::backoff`]):
+/// exponential with jitter (up to 100% of the delay, so a delay can reach
+/// `2 * max`), without a limit on attempts.
+pub use mqtt_secure::backoff;
 
 pub use telemetry_wire::reading::now_micros;

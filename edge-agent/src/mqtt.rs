@@ -69,13 +69,11 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
 /// gone, forwarding connection changes and incoming messages. Errors are
 /// followed by an exponential backoff with jitter before the next attempt.
 pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
-    let mut backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(5));
-    let mut refusals = 0u32;
+    let mut reconnect = mqtt_secure::Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = crate::backoff(Duration::from_millis(100), Duration::from_secs(5));
-                refusals = 0;
+                reconnect.connected();
                 shared.metrics.mqtt_connects.inc();
                 shared.metrics.mqtt_connected.set(1);
                 tracing::info!("connected to the broker");
@@ -94,13 +92,8 @@ pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent
                 shared.metrics.mqtt_errors.inc();
                 // `set` returns the previous value: 1 means the link just dropped.
                 let was_connected = shared.metrics.mqtt_connected.set(0) == 1;
-                let mut delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                let failure = mqtt_secure::classify(&error);
+                let (failure, delay) = reconnect.after(&error);
                 if failure.is_permanent() {
-                    // Same cause, same answer: wait longer each time (2 s, 4 s, ... 60 s).
-                    refusals = refusals.saturating_add(1);
-                    let long = failure.min_delay().saturating_mul(1 << refusals.min(5).saturating_sub(1));
-                    delay = delay.max(long.min(Duration::from_secs(60)));
                     tracing::error!(%error, ?delay, "{failure}");
                 } else if was_connected {
                     tracing::warn!(%error, "broker connection lost; reconnecting");

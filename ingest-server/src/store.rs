@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use clickhouse::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -277,12 +276,7 @@ impl Store {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, clickhouse::error::Error>>,
     {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(self.retry_min)
-            .with_max_delay(self.retry_max)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = mqtt_secure::backoff(self.retry_min, self.retry_max);
         let (mut attempts, mut refusals) = (0u32, 0u32);
         loop {
             if self.stop.is_cancelled() {

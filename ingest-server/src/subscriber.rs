@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -221,16 +220,7 @@ pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
     let PollContext { client, filters, tx, forward_stop, hard_stop, metrics, generation } = ctx;
     let mut ever_connected = false;
     let mut connected_generation = 0;
-    let backoff = || {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut delays = backoff();
-    let mut errors_in_a_row = 0u32;
+    let mut reconnect = mqtt_secure::Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let event = tokio::select! {
             biased;
@@ -250,8 +240,7 @@ pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                delays = backoff();
-                errors_in_a_row = 0;
+                reconnect.connected();
                 connected_generation = generation.next();
                 tracing::info!(session_present = ack.session_present, code = ?ack.code,
                     generation = connected_generation, "connected to MQTT broker");
@@ -296,14 +285,11 @@ pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
                 generation.lost();
                 metrics.mqtt_connection_errors.inc();
                 metrics.subscribed.set(0);
-                errors_in_a_row += 1;
-                let mut delay = delays.next().unwrap_or(Duration::from_secs(5));
-                let failure = mqtt_secure::classify(&error);
+                let (failure, delay) = reconnect.after(&error);
+                let errors_in_a_row = reconnect.errors_in_a_row();
                 if failure.is_permanent() {
                     // A refusal or a TLS failure repeats until someone fixes
-                    // the configuration: say so clearly, wait longer each time.
-                    let long = failure.min_delay().saturating_mul(1 << errors_in_a_row.min(5).saturating_sub(1));
-                    delay = delay.max(long.min(Duration::from_secs(60)));
+                    // the configuration: say so clearly.
                     tracing::error!(%error, errors_in_a_row, retry_in_ms = delay.as_millis() as u64, "{failure}");
                 } else if errors_in_a_row <= 3 || errors_in_a_row % 20 == 0 {
                     tracing::warn!(%error, errors_in_a_row, retry_in_ms = delay.as_millis() as u64, "MQTT connection error");

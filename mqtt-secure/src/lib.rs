@@ -13,6 +13,8 @@
 //!   (credentials, authorisation, TLS trust) and transient ones, so that the
 //!   daemons log a refusal clearly and back off for longer instead of
 //!   hammering the broker with the same wrong password.
+//! - [`Reconnect`]: the one reconnect policy of both daemons, on the one
+//!   retry schedule [`backoff`] (also used for Postgres and ClickHouse).
 //!
 //! # Invariants
 //! No function here puts a secret into an error, a `Debug` output or a log:
@@ -190,6 +192,72 @@ impl fmt::Display for Failure {
     }
 }
 
+/// The one retry schedule of both daemons (broker, Postgres, ClickHouse):
+/// exponential from `min` to `max`, with jitter, without an attempt limit.
+#[must_use]
+pub fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The reconnect policy of both daemons: exponential backoff with jitter
+/// between `min` and `max` after a transient error; a refusal or TLS
+/// failure waits at least its [`Failure::min_delay`], doubling each time it
+/// repeats, up to [`Reconnect::MAX_REFUSAL_DELAY`]. A successful connection
+/// starts over.
+#[derive(Debug)]
+pub struct Reconnect {
+    min: Duration,
+    max: Duration,
+    delays: backon::ExponentialBackoff,
+    errors_in_a_row: u32,
+}
+
+impl Reconnect {
+    /// The longest wait after a repeated refusal.
+    pub const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(60);
+
+    /// A policy backing off from `min` to `max` after transient errors.
+    #[must_use]
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, delays: Self::delays(min, max), errors_in_a_row: 0 }
+    }
+
+    fn delays(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+        backoff(min, max)
+    }
+
+    /// The broker accepted the connection: the next error starts over.
+    pub fn connected(&mut self) {
+        self.delays = Self::delays(self.min, self.max);
+        self.errors_in_a_row = 0;
+    }
+
+    /// Errors since the last successful connection.
+    #[must_use]
+    pub fn errors_in_a_row(&self) -> u32 {
+        self.errors_in_a_row
+    }
+
+    /// After `error`: what it means, and how long to wait before the next attempt.
+    pub fn after(&mut self, error: &ConnectionError) -> (Failure, Duration) {
+        self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
+        let failure = classify(error);
+        let mut delay = self.delays.next().unwrap_or(self.max);
+        if failure.is_permanent() {
+            // Same cause, same answer: wait longer each time (2 s, 4 s, ... 60 s).
+            let long = failure.min_delay().saturating_mul(1 << self.errors_in_a_row.min(6).saturating_sub(1));
+            delay = delay.max(long.min(Self::MAX_REFUSAL_DELAY));
+        }
+        (failure, delay)
+    }
+}
+
 /// Sorts a connection error; see [`Failure`].
 #[must_use]
 pub fn classify(error: &ConnectionError) -> Failure {
@@ -225,6 +293,26 @@ mod tests {
         let io = classify(&ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
         assert_eq!(io, Failure::Transient);
         assert_eq!(io.min_delay(), Duration::ZERO);
+    }
+
+    #[test]
+    fn repeated_refusals_wait_longer_each_time_and_a_connection_starts_over() {
+        let mut policy = Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
+        let refused = ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized);
+        let waits: Vec<Duration> = (0..8).map(|_| policy.after(&refused).1).collect();
+        assert_eq!(waits[0], Duration::from_secs(2));
+        assert_eq!(waits[1], Duration::from_secs(4));
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), Reconnect::MAX_REFUSAL_DELAY);
+        assert_eq!(policy.errors_in_a_row(), 8);
+        policy.connected();
+        let io = ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let (failure, wait) = policy.after(&io);
+        assert_eq!(failure, Failure::Transient);
+        assert!(
+            wait <= Duration::from_millis(200),
+            "a network error after a connection backs off from the minimum: {wait:?}"
+        );
     }
 
     #[test]
