@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use mqtt_secure::Secret;
+pub use telemetry_link::Secret;
 
 /// Which stream encoding a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -241,7 +241,7 @@ pub enum ConfigError {
         /// The key naming the file.
         key: &'static str,
         /// Why.
-        source: mqtt_secure::SecureError,
+        source: telemetry_link::SecureError,
     },
     /// A value is out of range.
     #[error("invalid setting `{key}`: {reason}")]
@@ -285,8 +285,8 @@ impl Config {
             ("postgres_password_file", &mut self.postgres_password_file, &mut self.postgres_password),
         ] {
             secret.take_from_file(file).map_err(|error| match error {
-                mqtt_secure::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
-                mqtt_secure::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
+                telemetry_link::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
+                telemetry_link::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
             })?;
         }
         Ok(())
@@ -294,8 +294,8 @@ impl Config {
 
     /// The TLS files, when `mqtt_tls` is on.
     #[must_use]
-    pub fn mqtt_tls_files(&self) -> Option<mqtt_secure::TlsFiles> {
-        mqtt_secure::TlsFiles::from_settings(
+    pub fn mqtt_tls_files(&self) -> Option<telemetry_link::TlsFiles> {
+        telemetry_link::TlsFiles::from_settings(
             self.mqtt_tls,
             &self.mqtt_ca_file,
             &self.mqtt_client_cert_file,

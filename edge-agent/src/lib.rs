@@ -67,7 +67,7 @@ pub enum AgentError {
     Outbox(#[from] OutboxError),
     /// The MQTT TLS files are unusable.
     #[error("MQTT TLS: {0}")]
-    Tls(#[from] mqtt_secure::SecureError),
+    Tls(#[from] telemetry_link::SecureError),
     /// Shut down before Postgres became reachable.
     #[error("shut down before the outbox was reachable")]
     Cancelled,
@@ -254,9 +254,9 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
     tracing::info!(outbox_rows = shared.outbox_size().0, "stopped");
 }
 
-/// The retry schedule shared with the ingest server ([`mqtt_secure::backoff`]):
+/// The retry schedule shared with the ingest server ([`telemetry_link::backoff`]):
 /// exponential with jitter (up to 100% of the delay, so a delay can reach
 /// `2 * max`), without a limit on attempts.
-pub use mqtt_secure::backoff;
+pub use telemetry_link::backoff;
 
 pub use telemetry_wire::reading::now_micros;

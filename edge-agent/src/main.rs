@@ -27,7 +27,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     // rustls' ring provider as the process default (rumqttc is built without one).
-    mqtt_secure::install_crypto_provider();
+    telemetry_link::install_crypto_provider();
     let config = match Config::load(args.config.as_deref(), args.overrides) {
         Ok(c) => c,
         Err(error) => {

@@ -11,7 +11,7 @@
 //!   replays from the outbox after every `ConnAck` instead.
 //! - a refusal (bad password, not authorised) or a failed TLS handshake is
 //!   logged as an error naming the cause and retried no sooner than
-//!   [`mqtt_secure::Failure::min_delay`], doubling up to a minute: a wrong
+//!   [`telemetry_link::Failure::min_delay`], doubling up to a minute: a wrong
 //!   password never turns into a busy reconnect loop.
 
 use std::time::Duration;
@@ -43,7 +43,7 @@ pub enum MqttEvent {
 ///
 /// # Errors
 /// Unusable TLS files (the error names the file).
-pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure::SecureError> {
+pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), telemetry_link::SecureError> {
     let mut options = MqttOptions::new(config.mqtt_client_id(), config.mqtt_host.clone(), config.mqtt_port);
     options.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_secs.max(5)));
     // Replay comes from the outbox, so a clean session loses nothing and
@@ -55,7 +55,7 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
         options.set_credentials(config.mqtt_username.clone(), config.mqtt_password.expose().to_owned());
     }
     if let Some(files) = config.mqtt_tls_files() {
-        options.set_transport(mqtt_secure::transport(&files)?);
+        options.set_transport(telemetry_link::transport(&files)?);
     }
     let (client, mut eventloop) = AsyncClient::new(options, config.window * 2 + 16);
     let mut network = NetworkOptions::new();
@@ -69,7 +69,7 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
 /// gone, forwarding connection changes and incoming messages. Errors are
 /// followed by an exponential backoff with jitter before the next attempt.
 pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
-    let mut reconnect = mqtt_secure::Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut reconnect = telemetry_link::Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use mqtt_secure::Secret;
+pub use telemetry_link::Secret;
 
 /// Everything the ingest server can be told. Keys are flat so that each has
 /// an obvious environment variable (`INGEST_` + upper case) and flag
@@ -209,7 +209,7 @@ pub enum ConfigError {
         /// The key naming the file.
         key: &'static str,
         /// Why.
-        source: mqtt_secure::SecureError,
+        source: telemetry_link::SecureError,
     },
     /// A value is out of range or malformed.
     #[error("invalid {key}: {reason}")]
@@ -319,8 +319,8 @@ impl Config {
             ("api_clickhouse_password_file", &mut self.api_clickhouse_password_file, &mut self.api_clickhouse_password),
         ] {
             secret.take_from_file(file).map_err(|error| match error {
-                mqtt_secure::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
-                mqtt_secure::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
+                telemetry_link::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
+                telemetry_link::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
             })?;
         }
         Ok(())
@@ -328,8 +328,8 @@ impl Config {
 
     /// The TLS files, when `mqtt_tls` is on.
     #[must_use]
-    pub fn mqtt_tls_files(&self) -> Option<mqtt_secure::TlsFiles> {
-        mqtt_secure::TlsFiles::from_settings(
+    pub fn mqtt_tls_files(&self) -> Option<telemetry_link::TlsFiles> {
+        telemetry_link::TlsFiles::from_settings(
             self.mqtt_tls,
             &self.mqtt_ca_file,
             &self.mqtt_client_cert_file,

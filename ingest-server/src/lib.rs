@@ -67,7 +67,7 @@ pub enum RunError {
     Startup(#[from] store::StoreError),
     /// The MQTT TLS files are unusable.
     #[error("MQTT TLS: {0}")]
-    Tls(#[from] mqtt_secure::SecureError),
+    Tls(#[from] telemetry_link::SecureError),
     /// The HTTP listener could not bind.
     #[error("HTTP listener on {address}: {source}")]
     Http {
@@ -121,7 +121,7 @@ pub async fn run_with_metrics(
     config.resolve_secrets()?;
     if let Some(files) = config.mqtt_tls_files() {
         // Bad TLS files fail the start, not the first connection attempt.
-        mqtt_secure::client_config(&files)?;
+        telemetry_link::client_config(&files)?;
     }
     let hard_stop = CancellationToken::new();
     let tracker = TaskTracker::new();

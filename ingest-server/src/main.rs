@@ -21,7 +21,7 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = ingest_server::config::Cli::parse();
     // rustls' ring provider as the process default (rumqttc is built without one).
-    mqtt_secure::install_crypto_provider();
+    telemetry_link::install_crypto_provider();
     init_logging(&cli.log_format)?;
     let print_schema = cli.print_schema.clone();
     let config = cli.load().context("loading configuration")?;

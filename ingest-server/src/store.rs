@@ -276,7 +276,7 @@ impl Store {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, clickhouse::error::Error>>,
     {
-        let mut delays = mqtt_secure::backoff(self.retry_min, self.retry_max);
+        let mut delays = telemetry_link::backoff(self.retry_min, self.retry_max);
         let (mut attempts, mut refusals) = (0u32, 0u32);
         loop {
             if self.stop.is_cancelled() {

@@ -166,7 +166,7 @@ pub fn request_capacity(config: &Config) -> usize {
 ///
 /// # Errors
 /// Unusable TLS files (the error names the file).
-pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure::SecureError> {
+pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), telemetry_link::SecureError> {
     let mut options = MqttOptions::new(&config.mqtt_client_id, &config.mqtt_host, config.mqtt_port);
     options
         .set_clean_session(false)
@@ -184,7 +184,7 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), mqtt_secure:
         options.set_credentials(&config.mqtt_username, config.mqtt_password.expose());
     }
     if let Some(files) = config.mqtt_tls_files() {
-        options.set_transport(mqtt_secure::transport(&files)?);
+        options.set_transport(telemetry_link::transport(&files)?);
     }
     let (client, mut eventloop) = AsyncClient::new(options, request_capacity(config));
     let mut network = NetworkOptions::new();
@@ -220,7 +220,7 @@ pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
     let PollContext { client, filters, tx, forward_stop, hard_stop, metrics, generation } = ctx;
     let mut ever_connected = false;
     let mut connected_generation = 0;
-    let mut reconnect = mqtt_secure::Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut reconnect = telemetry_link::Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let event = tokio::select! {
             biased;

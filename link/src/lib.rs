@@ -1,4 +1,5 @@
-//! Broker security shared by the edge agent and the ingest server.
+//! What the edge agent and the ingest server share to reach their services:
+//! broker security, secrets, error classes and the retry policy.
 //!
 //! # Layout
 //! - [`install_crypto_provider`]: makes rustls' *ring* provider the process
@@ -323,7 +324,7 @@ mod tests {
 
     #[test]
     fn secret_files_lose_one_trailing_newline_only() {
-        let dir = std::env::temp_dir().join(format!("mqtt_secure_{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("telemetry_link_{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pw");
         std::fs::write(&path, "s3cret \r\n").unwrap();
@@ -338,7 +339,7 @@ mod tests {
         let files = TlsFiles { ca: "/nonexistent/ca.pem".into(), ..TlsFiles::default() };
         let error = client_config(&files).unwrap_err().to_string();
         assert!(error.contains("/nonexistent/ca.pem"), "{error}");
-        let dir = std::env::temp_dir().join(format!("mqtt_secure_pem_{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("telemetry_link_pem_{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, "not a certificate").unwrap();
