@@ -622,21 +622,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         } else {
             (start_ts, TS_STEP)
         };
-        let spec = Spec::new(&format!("emulator-{name}"), env.bins.join(kind.name()), &dir)
-            .flag("connect", format!("tcp://127.0.0.1:{listen_port}"))
-            .flag("rate", rate)
-            .flag("count", per_emulator)
-            .flag("sensors", sensors)
-            .flag("prefix", name)
-            .flag("frame", 50)
-            .flag("seed", seed)
-            .flag("start-ts", start_ts)
-            .flag("ts-step", ts_step)
-            .arg("--reliable")
-            .arg("--quiet")
-            .env("RUST_LOG", "info");
-        emulators.push(Emulator::start(spec)?);
-        streams.push(EmittedStream {
+        let stream = EmittedStream {
             client_id: client_id.to_owned(),
             kind,
             prefix: name.to_owned(),
@@ -646,39 +632,28 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             ts_step,
             generated: 0,
             acked: 0,
-        });
+        };
+        emulators.push(start_emulator(env, &dir, &stream, listen_port, rate, per_emulator)?);
+        streams.push(stream);
     }
 
     let bad_ts_step = BAD_SPAN_DAYS * 86_400_000_000 / i64::try_from(per_emulator.max(1))?;
     if let Some((_, _, port)) = &bad_agent {
         let start_ts = (real_now_s - BAD_SPAN_DAYS * 86_400) * 1_000_000;
         let ts_step = bad_ts_step;
-        let (kind, name, sensors, seed) = (SensorKind::Temperature, "bad", 1usize, 3000u64);
-        let spec = Spec::new("emulator-bad", env.bins.join(kind.name()), &dir)
-            .flag("connect", format!("tcp://127.0.0.1:{port}"))
-            .flag("rate", rate)
-            .flag("count", per_emulator)
-            .flag("sensors", sensors)
-            .flag("prefix", name)
-            .flag("frame", 50)
-            .flag("seed", seed)
-            .flag("start-ts", start_ts)
-            .flag("ts-step", ts_step)
-            .arg("--reliable")
-            .arg("--quiet")
-            .env("RUST_LOG", "info");
-        emulators.push(Emulator::start(spec)?);
-        streams.push(EmittedStream {
+        let stream = EmittedStream {
             client_id: BAD_CLIENT.to_owned(),
-            kind,
-            prefix: name.to_owned(),
-            sensors,
-            seed,
+            kind: SensorKind::Temperature,
+            prefix: "bad".to_owned(),
+            sensors: 1,
+            seed: 3000,
             start_ts,
             ts_step,
             generated: 0,
             acked: 0,
-        });
+        };
+        emulators.push(start_emulator(env, &dir, &stream, *port, rate, per_emulator)?);
+        streams.push(stream);
     }
 
     // --- the fault -----------------------------------------------------------------
@@ -1055,6 +1030,32 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         notes: notes.join("; "),
         examples,
     })
+}
+
+/// Starts the reliable emulator that emits `stream` to the agent listening
+/// on `port`: `count` readings at `rate` per second.
+fn start_emulator(
+    env: &Env,
+    dir: &std::path::Path,
+    stream: &EmittedStream,
+    port: u16,
+    rate: u64,
+    count: u64,
+) -> Result<Emulator> {
+    let spec = Spec::new(&format!("emulator-{}", stream.prefix), env.bins.join(stream.kind.name()), dir)
+        .flag("connect", format!("tcp://127.0.0.1:{port}"))
+        .flag("rate", rate)
+        .flag("count", count)
+        .flag("sensors", stream.sensors)
+        .flag("prefix", &stream.prefix)
+        .flag("frame", 50)
+        .flag("seed", stream.seed)
+        .flag("start-ts", stream.start_ts)
+        .flag("ts-step", stream.ts_step)
+        .arg("--reliable")
+        .arg("--quiet")
+        .env("RUST_LOG", "info");
+    Emulator::start(spec)
 }
 
 /// Starts a stopped private instance again; returns when its port first
