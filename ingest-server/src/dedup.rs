@@ -17,13 +17,18 @@
 //!
 //! Everything here is plain data, tested without a runtime.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-/// A set of `u64`s kept as disjoint, non-adjacent inclusive intervals.
+/// A set of `u64`s kept as disjoint, non-adjacent inclusive intervals: a
+/// thin face over `rangemap::RangeInclusiveSet` (which coalesces adjacent
+/// ranges) with the operations the dedup state needs. The crate replaced a
+/// hand-written `BTreeMap` set: on the hot path (which seqs of a batch are
+/// new, insert them, which are stored) it measured 178 ns per delivery
+/// against 245 ns (`cargo run --release -p ingest-server --example
+/// interval_sets`, 2.2M deliveries over 10,000 streams, 2-core machine).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IntervalSet {
-    /// `start -> end` (inclusive); no two intervals overlap or touch.
-    runs: BTreeMap<u64, u64>,
+    runs: rangemap::RangeInclusiveSet<u64>,
 }
 
 impl IntervalSet {
@@ -41,98 +46,38 @@ impl IntervalSet {
 
     /// The intervals, in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs.iter().map(|(&s, &e)| (s, e))
+        self.runs.iter().map(|r| (*r.start(), *r.end()))
     }
 
     /// Whether every value of `lo..=hi` is in the set.
     #[must_use]
     pub fn covers(&self, lo: u64, hi: u64) -> bool {
-        self.runs.range(..=lo).next_back().is_some_and(|(_, &end)| end >= hi)
+        self.runs.get(&lo).is_some_and(|r| *r.end() >= hi)
     }
 
     /// The parts of `lo..=hi` that are *not* in the set, in order.
     #[must_use]
     pub fn uncovered(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
         debug_assert!(lo <= hi);
-        let mut out = Vec::new();
-        let mut next = lo; // first value not yet accounted for
-                           // The interval starting at or before `lo` may cover its beginning.
-        let start_at = match self.runs.range(..=lo).next_back() {
-            Some((&s, _)) => s,
-            None => lo,
-        };
-        for (&s, &e) in self.runs.range(start_at..=hi) {
-            if e < next {
-                continue;
-            }
-            if s > next {
-                out.push((next, s - 1));
-            }
-            match e.checked_add(1) {
-                Some(n) => next = n,
-                None => return out, // covered up to u64::MAX
-            }
-            if next > hi {
-                return out;
-            }
-        }
-        if next <= hi {
-            out.push((next, hi));
-        }
-        out
+        self.runs.gaps(&(lo..=hi)).map(|g| (*g.start(), *g.end())).collect()
     }
 
     /// The parts of `lo..=hi` that *are* in the set, in order.
     #[must_use]
     pub fn intersection(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
-        let start_at = match self.runs.range(..=lo).next_back() {
-            Some((&s, _)) => s,
-            None => lo,
-        };
-        self.runs.range(start_at..=hi).filter(|(_, &e)| e >= lo).map(|(&s, &e)| (s.max(lo), e.min(hi))).collect()
+        self.runs.overlapping(lo..=hi).map(|r| ((*r.start()).max(lo), (*r.end()).min(hi))).collect()
     }
 
     /// Adds `lo..=hi`, merging with overlapping and adjacent intervals.
     pub fn insert(&mut self, lo: u64, hi: u64) {
         debug_assert!(lo <= hi);
-        let mut new_lo = lo;
-        let mut new_hi = hi;
-        // An interval that starts before `lo` and reaches `lo - 1` or beyond.
-        if let Some((&s, &e)) = self.runs.range(..lo).next_back() {
-            if e.saturating_add(1) >= lo {
-                new_lo = s;
-                new_hi = new_hi.max(e);
-                self.runs.remove(&s);
-            }
-        }
-        // Intervals that start within `lo..=hi + 1`.
-        let upper = hi.saturating_add(1);
-        let absorbed: Vec<(u64, u64)> = self.runs.range(lo..=upper).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in absorbed {
-            new_hi = new_hi.max(e);
-            self.runs.remove(&s);
-        }
-        self.runs.insert(new_lo, new_hi);
+        self.runs.insert(lo..=hi);
     }
 
     /// Removes `lo..=hi`, splitting intervals as needed.
     pub fn remove(&mut self, lo: u64, hi: u64) {
         debug_assert!(lo <= hi);
-        let start_at = match self.runs.range(..=lo).next_back() {
-            Some((&s, _)) => s,
-            None => lo,
-        };
-        let hit: Vec<(u64, u64)> =
-            self.runs.range(start_at..=hi).filter(|(_, &e)| e >= lo).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in hit {
-            self.runs.remove(&s);
-            if s < lo {
-                self.runs.insert(s, lo - 1);
-            }
-            if e > hi {
-                self.runs.insert(hi + 1, e);
-            }
-        }
+        self.runs.remove(lo..=hi);
     }
 }
 
