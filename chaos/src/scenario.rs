@@ -438,6 +438,12 @@ const STALL_KEEP_ALIVE_SECS: u64 = 5;
 /// the stall, so that the stall must be reported.
 const STALL_INSERT_TIMEOUT_SECS: u64 = 3;
 
+/// clickhouse-stall: the ingest server's peak RSS bound. Messages pile up
+/// while ClickHouse hangs; the broker's in-flight limits (30,000 messages,
+/// 128 MiB) bound them, so the server stays far below this (21 MiB measured
+/// in the short form).
+const STALL_RSS_BOUND_MIB: u64 = 512;
+
 /// clickhouse-stall: everything must be stored this soon after SIGCONT.
 const STALL_RECOVERY: Duration = Duration::from_secs(60);
 
@@ -969,7 +975,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         let ingest = &ingests[0];
         let disconnects = ingest.metric("telemetry_ingest_mqtt_connection_errors_total").await.unwrap_or(-1.0);
         let stalls = ingest.metric("telemetry_ingest_insert_stalls_total").await.unwrap_or(0.0);
-        let rss = ingest.peak_rss_mib().map_or_else(|| "?".to_owned(), |m| m.to_string());
+        let peak = ingest.peak_rss_mib();
+        let rss = peak.map_or_else(|| "?".to_owned(), |m| m.to_string());
         notes.push(format!(
             "ingest: {disconnects} broker disconnects, {stalls} stalls counted, /healthz said stalled: {reported}, \
              peak RSS {rss} MiB"
@@ -980,6 +987,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                 Some(format!("the ingest server lost its broker connection {disconnects} times during the stall"))
             } else if !reported || stalls == 0.0 {
                 Some("the stall was not reported (/healthz, insert_stalls)".to_owned())
+            } else if peak.is_none_or(|m| m > STALL_RSS_BOUND_MIB) {
+                Some(format!("peak RSS {rss} MiB over the bound of {STALL_RSS_BOUND_MIB} MiB"))
             } else if stored_late {
                 Some(format!("not everything was stored within {} s of SIGCONT", STALL_RECOVERY.as_secs()))
             } else {
