@@ -30,12 +30,24 @@ function setAttrs(node, attrs) {
   }
 }
 
+// The server answers at most api_max_concurrent requests at once and sheds
+// the rest with 503 "busy" and a Retry-After: wait that long and ask again,
+// a few times, before calling it an error.
+const BUSY_RETRIES = 5;
+
 async function api(path, params) {
   const query = new URLSearchParams(params || {}).toString();
-  const response = await fetch("/api/" + path + (query ? "?" + query : ""), { cache: "no-store" });
-  const body = await response.json();
-  if (!response.ok) throw new Error(path + ": " + (body.reason || response.status));
-  return body;
+  for (let attempt = 0; ; attempt++) {
+    const response = await fetch("/api/" + path + (query ? "?" + query : ""), { cache: "no-store" });
+    const body = await response.json();
+    if (response.status === 503 && body.error === "busy" && attempt < BUSY_RETRIES) {
+      const seconds = Number(response.headers.get("Retry-After")) || 1;
+      await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      continue;
+    }
+    if (!response.ok) throw new Error(path + ": " + (body.reason || response.status));
+    return body;
+  }
 }
 
 // ---- formatting ----------------------------------------------------------------
