@@ -58,7 +58,7 @@ struct Want {
 }
 
 /// Every reading the emulators generated, by identity.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Expected {
     readings: HashMap<Identity, Want>,
     obligations: u64,

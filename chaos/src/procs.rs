@@ -144,11 +144,7 @@ impl Daemon {
     /// Peak resident memory of the running process (`VmHWM`), in MiB.
     #[must_use]
     pub fn peak_rss_mib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kib: u64 =
-            status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(kib / 1024)
+        test_support::peak_rss_mib(self.child.as_ref()?.id()?)
     }
 
     /// The sum of every sample of metric `name` (all label sets), if the

@@ -303,12 +303,8 @@ impl Store {
                 ErrorClass::Unknown => {
                     refusals += 1;
                     if budget.is_some_and(|b| refusals >= b) {
-                        if budget == Some(1) {
-                            // A piece of a bisection: the writer logs the outcome.
-                            tracing::debug!(table, %error, "ClickHouse refuses this piece");
-                        } else {
-                            tracing::warn!(table, refusals, %error, "ClickHouse keeps refusing this request; giving up on it as a whole");
-                        }
+                        // The caller says what it does next (the writer: bisect).
+                        tracing::debug!(table, refusals, %error, "ClickHouse keeps refusing this request");
                         return Err(StoreError::Exhausted { attempts: refusals, error });
                     }
                 }

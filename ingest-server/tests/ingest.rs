@@ -890,31 +890,6 @@ async fn shutdown_flushes_the_pending_batch_and_acks_it() {
     agent.wait_acked("dev-z", &[range(8, 1, 300)], Duration::from_secs(10)).await;
 }
 
-/// Percent-decoding of a URL query value (`+` is a space).
-fn url_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
     // A stand-in ClickHouse that says it is 24.8 (so the server writes the
@@ -940,7 +915,10 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
                     let query = raw
                         .unwrap_or_default()
                         .split('&')
-                        .find_map(|kv| kv.strip_prefix("query=").map(url_decode))
+                        .find_map(|kv| {
+                            kv.strip_prefix("query=")
+                                .map(|q| ingest_server::api::params::decode(q).expect("a valid query"))
+                        })
                         .unwrap_or_default();
                     let sql = if query.is_empty() { String::from_utf8_lossy(&body).into_owned() } else { query };
                     if sql.starts_with("INSERT INTO") {

@@ -176,6 +176,15 @@ pub async fn drop_pg_database(stack: &Stack, url: &str) {
     let _ = handle.await;
 }
 
+/// Peak resident memory (`VmHWM`) of process `pid`, in MiB, if it runs.
+#[must_use]
+pub fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// A TCP port that was free a moment ago.
 ///
 /// # Panics

@@ -129,7 +129,10 @@ impl Params {
 }
 
 /// Percent-decodes one `application/x-www-form-urlencoded` component.
-fn decode(component: &str) -> Result<String, BadRequest> {
+///
+/// # Errors
+/// Bad percent-encoding, or bytes that are not UTF-8.
+pub fn decode(component: &str) -> Result<String, BadRequest> {
     let bytes = component.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -417,13 +417,7 @@ impl Binary {
 
     /// Peak resident memory so far (`VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc status");
-        kib / 1024
+        test_support::peak_rss_mib(self.pid()).expect("VmHWM of the running binary")
     }
 
     /// SIGTERM and the exit status.
@@ -436,17 +430,19 @@ impl Binary {
     /// unanswered).
     pub async fn received_and_inserted(&self) -> (f64, f64) {
         let body = http_get(&self.http, "/metrics").await.unwrap_or_default();
-        let value = |name: &str| {
-            body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-        };
+        let value = |name| metric_in(&body, name).unwrap_or(0.0);
         (value("telemetry_ingest_received_readings_total"), value("telemetry_ingest_inserted_readings_total"))
     }
 
     /// A counter or gauge value from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let body = http_get(&self.http, "/metrics").await?;
-        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        metric_in(&http_get(&self.http, "/metrics").await?, name)
     }
+}
+
+/// The unlabelled sample of metric `name` in a Prometheus text body.
+fn metric_in(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 impl Drop for Binary {
