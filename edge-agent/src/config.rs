@@ -1,6 +1,7 @@
 //! Configuration: one TOML file, every key also an environment variable
 //! (`EDGE_AGENT_<KEY>`) and a flag (`--<key>`). Precedence: defaults < file <
-//! environment < flags. The defaults run against `scripts/stack` with no file.
+//! environment < flags (the layering is `telemetry_settings`', shared with the
+//! ingest server). The defaults run against `scripts/stack` with no file.
 //!
 //! Keys are flat (`mqtt_port`, not `[mqtt] port`) so that the file, the
 //! environment and the flags name every setting the same way.
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use telemetry_link::Secret;
+pub use telemetry_settings::{ConfigError, Secret};
 
 /// Which stream encoding a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -96,38 +97,16 @@ pub enum LogFormat {
     Json,
 }
 
-macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env $env:literal $(, arg($($arg:tt)*))? ; )*) => {
-        /// The agent's configuration; see the module docs for how it is layered.
-        #[derive(Debug, Clone, Deserialize)]
-        #[serde(deny_unknown_fields, default)]
-        pub struct Config {
-            $( $(#[doc = $doc])* pub $name: $ty, )*
-        }
-
-        impl Default for Config {
-            fn default() -> Self {
-                Self { $( $name: $default, )* }
-            }
-        }
-
-        /// Environment variables and flags; each overrides the file's key of
-        /// the same name.
-        #[derive(Debug, Default, clap::Args)]
-        pub struct Overrides {
-            $( $(#[doc = $doc])* #[arg(long, env = $env, hide_env_values = true $(, $($arg)*)?)] pub $name: Option<$ty>, )*
-        }
-
-        impl Config {
-            /// Applies every override that is set.
-            pub fn apply(&mut self, overrides: Overrides) {
-                $( if let Some(v) = overrides.$name { self.$name = v; } )*
-            }
-        }
-    };
-}
-
-settings! {
+telemetry_settings::settings! {
+    /// The agent's configuration; see the module docs for how it is layered.
+    pub struct Config;
+    /// Environment variables and flags; each overrides the file's key of
+    /// the same name.
+    pub struct Overrides;
+    secrets {
+        mqtt_password_file => mqtt_password,
+        postgres_password_file => postgres_password,
+    }
     /// This device's id: the last level of its MQTT topics, 1–64 of [A-Za-z0-9_.-].
     client_id: String = "edge-1".into(), env "EDGE_AGENT_CLIENT_ID";
     /// Sockets to accept sensors on (repeat the flag, or comma-separate).
@@ -216,82 +195,7 @@ settings! {
     log_format: LogFormat = LogFormat::Text, env "EDGE_AGENT_LOG_FORMAT", arg(value_enum);
 }
 
-/// A configuration that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this config.
-    #[error("{path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: toml::de::Error,
-    },
-    /// A secret file could not be read (the error names the file, never its content).
-    #[error("invalid setting `{key}`: {source}")]
-    SecretFile {
-        /// The key naming the file.
-        key: &'static str,
-        /// Why.
-        source: telemetry_link::SecureError,
-    },
-    /// A value is out of range.
-    #[error("invalid setting `{key}`: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
 impl Config {
-    /// Defaults, then `file` (if any), then `overrides`, then validation.
-    ///
-    /// # Errors
-    /// Unreadable or invalid file, or an invalid value.
-    pub fn load(file: Option<&std::path::Path>, overrides: Overrides) -> Result<Self, ConfigError> {
-        let mut config = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
-            }
-            None => Self::default(),
-        };
-        config.apply(overrides);
-        config.validate()?;
-        config.resolve_secrets()?;
-        Ok(config)
-    }
-
-    /// Reads every `*_password_file` into its password and clears the file
-    /// key (so a second call does nothing). Setting both a password and its
-    /// file is an error: which one wins would be a guess.
-    ///
-    /// # Errors
-    /// Both set, or an unreadable file.
-    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
-        for (key, file, secret) in [
-            ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
-            ("postgres_password_file", &mut self.postgres_password_file, &mut self.postgres_password),
-        ] {
-            secret.take_from_file(file).map_err(|error| match error {
-                telemetry_link::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
-                telemetry_link::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
-            })?;
-        }
-        Ok(())
-    }
-
     /// The TLS files, when `mqtt_tls` is on.
     #[must_use]
     pub fn mqtt_tls_files(&self) -> Option<telemetry_link::TlsFiles> {
@@ -396,7 +300,7 @@ mod tests {
 
     #[test]
     fn a_file_sets_keys_and_overrides_win() {
-        let mut c: Config = toml::from_str(
+        let mut c = Config::from_toml(
             "client_id = \"dev-7\"\nlisten = [\"unix:///tmp/a.sock\", \"tcp://0.0.0.0:1\"]\nconfirm = \"ingest\"\nmqtt_password = \"hunter2\"",
         )
         .unwrap();
@@ -410,12 +314,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        assert!(toml::from_str::<Config>("clientid = \"x\"").is_err());
+        assert!(Config::from_toml("clientid = \"x\"").is_err());
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let c: Config = toml::from_str("mqtt_password = \"hunter2\"\npostgres_password = \"s3cret\"").unwrap();
+        let c = Config::from_toml("mqtt_password = \"hunter2\"\npostgres_password = \"s3cret\"").unwrap();
         let printed = format!("{c:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("s3cret"), "{printed}");
     }

@@ -1,249 +1,147 @@
 //! Configuration: a TOML file, then `INGEST_<KEY>` environment variables, then
-//! command-line flags (each later source overrides the earlier ones). With no
+//! command-line flags (each later source overrides the earlier ones; the
+//! layering is `telemetry_settings`', shared with the edge agent). With no
 //! file at all the defaults run against `scripts/stack`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde::Deserialize;
+use telemetry_settings::invalid;
+pub use telemetry_settings::{ConfigError, Secret};
 
-pub use telemetry_link::Secret;
-
-/// Everything the ingest server can be told. Keys are flat so that each has
-/// an obvious environment variable (`INGEST_` + upper case) and flag
-/// (`--` + kebab case).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
+telemetry_settings::settings! {
+    /// Everything the ingest server can be told. Keys are flat so that each has
+    /// an obvious environment variable (`INGEST_` + upper case) and flag
+    /// (`--` + kebab case).
+    pub struct Config;
+    /// Per-key overrides: a flag, or its `INGEST_<KEY>` environment variable.
+    pub struct Overrides;
+    secrets {
+        mqtt_password_file => mqtt_password,
+        clickhouse_password_file => clickhouse_password,
+        api_clickhouse_password_file => api_clickhouse_password,
+    }
     /// MQTT broker host.
-    pub mqtt_host: String,
+    mqtt_host: String = "127.0.0.1".into(), env "INGEST_MQTT_HOST";
     /// MQTT broker port.
-    pub mqtt_port: u16,
+    mqtt_port: u16 = 21883, env "INGEST_MQTT_PORT";
     /// MQTT client id. Fixed, because the broker keeps this id's persistent
     /// session (subscriptions and unacknowledged messages) across restarts;
     /// every ingest server needs its own.
-    pub mqtt_client_id: String,
+    mqtt_client_id: String = "ingest-server".into(), env "INGEST_MQTT_CLIENT_ID";
     /// MQTT user name (empty: connect without credentials).
-    pub mqtt_username: String,
+    mqtt_username: String = String::new(), env "INGEST_MQTT_USERNAME";
     /// MQTT password.
-    pub mqtt_password: Secret,
+    mqtt_password: Secret = Secret::default(), env "INGEST_MQTT_PASSWORD";
     /// File holding the MQTT password (one trailing newline ignored);
     /// instead of `mqtt_password`.
-    pub mqtt_password_file: PathBuf,
+    mqtt_password_file: PathBuf = PathBuf::new(), env "INGEST_MQTT_PASSWORD_FILE";
     /// Connect to the broker over TLS (needs `mqtt_ca_file`); plain TCP when false.
-    pub mqtt_tls: bool,
+    mqtt_tls: bool = false, env "INGEST_MQTT_TLS";
     /// PEM file of the CA certificate(s) that sign the broker's certificate.
-    pub mqtt_ca_file: PathBuf,
+    mqtt_ca_file: PathBuf = PathBuf::new(), env "INGEST_MQTT_CA_FILE";
     /// PEM client certificate chain, for brokers that require one (with
     /// `mqtt_client_key_file`).
-    pub mqtt_client_cert_file: PathBuf,
+    mqtt_client_cert_file: PathBuf = PathBuf::new(), env "INGEST_MQTT_CLIENT_CERT_FILE";
     /// PEM private key of the client certificate.
-    pub mqtt_client_key_file: PathBuf,
+    mqtt_client_key_file: PathBuf = PathBuf::new(), env "INGEST_MQTT_CLIENT_KEY_FILE";
     /// MQTT keep-alive in seconds. The server keeps polling (and pinging)
     /// the broker while ClickHouse is slow or down; inflow is bounded by the
     /// broker's in-flight limit for this client, not by going silent.
-    pub mqtt_keep_alive_secs: u64,
+    mqtt_keep_alive_secs: u64 = 30, env "INGEST_MQTT_KEEP_ALIVE_SECS";
     /// Topic prefix: batches arrive on `<prefix>/client/<client_id>`, acks
     /// go to `<prefix>/ack/<client_id>`, status on `<prefix>/status/<client_id>`.
-    pub topic_prefix: String,
-    /// Shared-subscription group: when set, batches are subscribed as
+    topic_prefix: String = "/telemetry".into(), env "INGEST_TOPIC_PREFIX";
+    /// Shared-subscription group (empty: none): when set, batches are subscribed as
     /// `$share/<group>/<prefix>/client/+` so several servers split the load.
-    pub shared_group: Option<String>,
+    shared_group: String = String::new(), env "INGEST_SHARED_GROUP";
     /// Largest accepted MQTT packet / batch payload in bytes (both directions).
-    pub max_payload_bytes: usize,
+    max_payload_bytes: usize = 16 << 20, env "INGEST_MAX_PAYLOAD_BYTES";
     /// ClickHouse HTTP URL.
-    pub clickhouse_url: String,
+    clickhouse_url: String = "http://127.0.0.1:28123".into(), env "INGEST_CLICKHOUSE_URL";
     /// ClickHouse database holding every table (created if missing).
-    pub clickhouse_database: String,
+    clickhouse_database: String = "telemetry".into(), env "INGEST_CLICKHOUSE_DATABASE";
     /// ClickHouse user.
-    pub clickhouse_user: String,
+    clickhouse_user: String = "default".into(), env "INGEST_CLICKHOUSE_USER";
     /// ClickHouse password.
-    pub clickhouse_password: Secret,
+    clickhouse_password: Secret = Secret::default(), env "INGEST_CLICKHOUSE_PASSWORD";
     /// File holding the ClickHouse password (one trailing newline ignored);
     /// instead of `clickhouse_password`.
-    pub clickhouse_password_file: PathBuf,
+    clickhouse_password_file: PathBuf = PathBuf::new(), env "INGEST_CLICKHOUSE_PASSWORD_FILE";
     /// Retention of raw readings in days (0: keep forever). Applied as a
     /// table TTL on ClickHouse versions that have TTL (not 18.16).
-    pub retention_days: u32,
+    retention_days: u32 = 0, env "INGEST_RETENTION_DAYS";
     /// Flush a batch when it holds this many new readings.
-    pub batch_max_rows: usize,
+    batch_max_rows: usize = 200_000, env "INGEST_BATCH_MAX_ROWS";
     /// Flush a batch at the latest this many milliseconds after its first message.
-    pub batch_max_delay_ms: u64,
+    batch_max_delay_ms: u64 = 1000, env "INGEST_BATCH_MAX_DELAY_MS";
     /// Flush a batch when it holds this many MQTT messages not yet acked.
     /// The broker's `max_inflight_messages` for this client should be at
     /// least `(max_inflight_inserts + 1) * batch_max_messages`: below that
     /// the broker stops sending before a flush triggers and batches wait for
     /// the timer; that limit (not 0 = unlimited) is also what bounds the
     /// server's memory while ClickHouse is slow.
-    pub batch_max_messages: usize,
+    batch_max_messages: usize = 10_000, env "INGEST_BATCH_MAX_MESSAGES";
     /// Flush a batch when its payloads hold this many bytes.
-    pub batch_max_bytes: usize,
+    batch_max_bytes: usize = 32 << 20, env "INGEST_BATCH_MAX_BYTES";
     /// Inserts (batches) in flight at once; beyond it new messages wait in
     /// memory (bounded by the broker's in-flight limit) while the MQTT
     /// connection keeps being polled.
-    pub max_inflight_inserts: usize,
+    max_inflight_inserts: usize = 2, env "INGEST_MAX_INFLIGHT_INSERTS";
     /// First retry delay after a failed insert, in milliseconds.
-    pub retry_min_ms: u64,
+    retry_min_ms: u64 = 100, env "INGEST_RETRY_MIN_MS";
     /// Longest retry delay, in milliseconds (exponential backoff with jitter).
-    pub retry_max_ms: u64,
+    retry_max_ms: u64 = 5000, env "INGEST_RETRY_MAX_MS";
     /// Timeout of one ClickHouse request, in seconds.
-    pub insert_timeout_secs: u64,
+    insert_timeout_secs: u64 = 60, env "INGEST_INSERT_TIMEOUT_SECS";
     /// Refusals with an error code of no known meaning (not outages, not
     /// known overload) after which a job's readings insert is bisected to
     /// the messages ClickHouse refuses; those are dead-lettered, the rest
     /// stored.
-    pub insert_retry_budget: u32,
+    insert_retry_budget: u32 = 3, env "INGEST_INSERT_RETRY_BUDGET";
     /// Milliseconds between two rollup passes (each folds the closed
     /// minutes with pending markers into `readings_1m`).
-    pub rollup_interval_ms: u64,
+    rollup_interval_ms: u64 = 2000, env "INGEST_ROLLUP_INTERVAL_MS";
     /// A minute is folded into `readings_1m` once this many seconds passed
     /// since its start (70: its end plus 10 s for stragglers). Until then it
     /// is answered from raw rows. Later readings re-open it; it is folded
     /// in again. 0 folds in every minute at every pass (tests).
-    pub rollup_after_secs: u64,
+    rollup_after_secs: u64 = 70, env "INGEST_ROLLUP_AFTER_SECS";
     /// Rollup markers written by another ingest server are folded in by this
     /// one once they are this many seconds old by ClickHouse's clock (that
     /// server may be gone). Keep it the same on every server of one
     /// database: a server relies on its own unread markers for half of its
     /// own value, and a peer with a much smaller one could take them sooner.
-    pub rollup_orphan_secs: u64,
+    rollup_orphan_secs: u64 = 300, env "INGEST_ROLLUP_ORPHAN_SECS";
     /// Days the server remembers exactly which seq ranges it stored (the
     /// dedup horizon): ranges are loaded at start from this far back,
     /// streams idle this long are forgotten in memory, and older monthly
     /// partitions of `ingested_ranges` are dropped. A replay older than that
     /// is inserted again; the raw table's identity still counts it once.
-    pub dedup_horizon_days: u32,
+    dedup_horizon_days: u32 = 7, env "INGEST_DEDUP_HORIZON_DAYS";
     /// On shutdown, how long to keep trying to flush and ack, in seconds.
-    pub shutdown_timeout_secs: u64,
+    shutdown_timeout_secs: u64 = 30, env "INGEST_SHUTDOWN_TIMEOUT_SECS";
     /// Address of the HTTP listener for the dashboard (`/`), the JSON API
     /// (`/api/`), `/metrics` and `/healthz` (empty: no listener).
-    pub http_address: String,
+    http_address: String = String::new(), env "INGEST_HTTP_ADDRESS";
     /// `/api/` requests answered at once; more wait up to 2 s for a slot,
     /// then are refused with 503 `busy` (a refresh storm must not queue work
     /// on the ClickHouse that inserts depend on).
-    pub api_max_concurrent: usize,
+    api_max_concurrent: usize = 4, env "INGEST_API_MAX_CONCURRENT";
     /// ClickHouse user for `/api/` queries (empty: `clickhouse_user`). Give
     /// it a profile with its own limits (see `deploy/clickhouse/users.xml.in`,
     /// user `telemetry_api`).
-    pub api_clickhouse_user: String,
+    api_clickhouse_user: String = String::new(), env "INGEST_API_CLICKHOUSE_USER";
     /// Its password (with an `api_clickhouse_user`).
-    pub api_clickhouse_password: Secret,
+    api_clickhouse_password: Secret = Secret::default(), env "INGEST_API_CLICKHOUSE_PASSWORD";
     /// Its password from a file.
-    pub api_clickhouse_password_file: PathBuf,
+    api_clickhouse_password_file: PathBuf = PathBuf::new(), env "INGEST_API_CLICKHOUSE_PASSWORD_FILE";
     /// Memory one `/api/` query may use in ClickHouse, bytes
     /// (`max_memory_usage` of its queries).
-    pub api_max_memory_bytes: u64,
+    api_max_memory_bytes: u64 = 1 << 30, env "INGEST_API_MAX_MEMORY_BYTES";
     /// Threads one `/api/` query may use in ClickHouse (`max_threads`).
-    pub api_max_threads: u32,
+    api_max_threads: u32 = 2, env "INGEST_API_MAX_THREADS";
 }
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            mqtt_host: "127.0.0.1".into(),
-            mqtt_port: 21883,
-            mqtt_client_id: "ingest-server".into(),
-            mqtt_username: String::new(),
-            mqtt_password: Secret::default(),
-            mqtt_password_file: PathBuf::new(),
-            mqtt_tls: false,
-            mqtt_ca_file: PathBuf::new(),
-            mqtt_client_cert_file: PathBuf::new(),
-            mqtt_client_key_file: PathBuf::new(),
-            mqtt_keep_alive_secs: 30,
-            topic_prefix: "/telemetry".into(),
-            shared_group: None,
-            max_payload_bytes: 16 << 20,
-            clickhouse_url: "http://127.0.0.1:28123".into(),
-            clickhouse_database: "telemetry".into(),
-            clickhouse_user: "default".into(),
-            clickhouse_password: Secret::default(),
-            clickhouse_password_file: PathBuf::new(),
-            api_max_concurrent: 4,
-            api_clickhouse_user: String::new(),
-            api_clickhouse_password: Secret::default(),
-            api_clickhouse_password_file: PathBuf::new(),
-            api_max_memory_bytes: 1 << 30,
-            api_max_threads: 2,
-            retention_days: 0,
-            batch_max_rows: 200_000,
-            batch_max_delay_ms: 1000,
-            batch_max_messages: 10_000,
-            batch_max_bytes: 32 << 20,
-            max_inflight_inserts: 2,
-            retry_min_ms: 100,
-            retry_max_ms: 5000,
-            insert_timeout_secs: 60,
-            insert_retry_budget: 3,
-            dedup_horizon_days: 7,
-            rollup_interval_ms: 2000,
-            rollup_after_secs: 70,
-            rollup_orphan_secs: 300,
-            shutdown_timeout_secs: 30,
-            http_address: String::new(),
-        }
-    }
-}
-
-/// A configuration that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for [`Config`].
-    #[error("parsing {path}: {source}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// Why.
-        source: toml::de::Error,
-    },
-    /// A secret file could not be read (the error names the file, never its content).
-    #[error("invalid {key}: {source}")]
-    SecretFile {
-        /// The key naming the file.
-        key: &'static str,
-        /// Why.
-        source: telemetry_link::SecureError,
-    },
-    /// A value is out of range or malformed.
-    #[error("invalid {key}: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
-}
-
 impl Config {
-    /// Reads a TOML file (missing keys take their defaults).
-    ///
-    /// # Errors
-    /// Unreadable file, bad TOML, unknown keys.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
-    }
-
-    /// Parses TOML text.
-    ///
-    /// # Errors
-    /// Bad TOML or unknown keys.
-    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
-    }
-
     /// Checks values that would only fail later, obscurely.
     ///
     /// # Errors
@@ -258,10 +156,8 @@ impl Config {
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
             return Err(invalid("topic_prefix", "must be non-empty, without wildcards and without a trailing '/'"));
         }
-        if let Some(group) = &self.shared_group {
-            if group.is_empty() || group.contains(['/', '+', '#']) {
-                return Err(invalid("shared_group", "must be non-empty, without '/', '+' or '#'"));
-            }
+        if self.shared_group.contains(['/', '+', '#']) {
+            return Err(invalid("shared_group", "must not contain '/', '+' or '#'"));
         }
         if self.mqtt_client_id.is_empty() {
             return Err(invalid("mqtt_client_id", "must not be empty"));
@@ -306,24 +202,10 @@ impl Config {
         Ok(())
     }
 
-    /// Reads every `*_password_file` into its password and clears the file
-    /// key (a second call does nothing). A password and its file together
-    /// are an error.
-    ///
-    /// # Errors
-    /// Both set, or an unreadable file.
-    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
-        for (key, file, secret) in [
-            ("mqtt_password_file", &mut self.mqtt_password_file, &mut self.mqtt_password),
-            ("clickhouse_password_file", &mut self.clickhouse_password_file, &mut self.clickhouse_password),
-            ("api_clickhouse_password_file", &mut self.api_clickhouse_password_file, &mut self.api_clickhouse_password),
-        ] {
-            secret.take_from_file(file).map_err(|error| match error {
-                telemetry_link::SecretFileError::Both => ConfigError::Invalid { key, reason: error.to_string() },
-                telemetry_link::SecretFileError::Unreadable(source) => ConfigError::SecretFile { key, source },
-            })?;
-        }
-        Ok(())
+    /// The shared-subscription group, if one is set.
+    #[must_use]
+    pub fn shared_group(&self) -> Option<&str> {
+        Some(self.shared_group.as_str()).filter(|g| !g.is_empty())
     }
 
     /// The TLS files, when `mqtt_tls` is on.
@@ -359,85 +241,13 @@ pub struct Cli {
     pub overrides: Overrides,
 }
 
-macro_rules! overrides {
-    ($($field:ident : $ty:ty => $env:literal),* $(,)?) => {
-        /// Per-key overrides (flag or environment variable).
-        #[derive(Debug, Default, clap::Args)]
-        pub struct Overrides {
-            $(
-                #[doc = concat!("Overrides `", stringify!($field), "` (see the config file reference).")]
-                #[arg(long, env = $env, hide_env_values = true)]
-                pub $field: Option<$ty>,
-            )*
-        }
-
-        impl Overrides {
-            /// Applies every set override to `config`.
-            pub fn apply(self, config: &mut Config) {
-                $( if let Some(v) = self.$field { config.$field = v.into(); } )*
-            }
-        }
-    };
-}
-
-overrides! {
-    mqtt_host: String => "INGEST_MQTT_HOST",
-    mqtt_port: u16 => "INGEST_MQTT_PORT",
-    mqtt_client_id: String => "INGEST_MQTT_CLIENT_ID",
-    mqtt_username: String => "INGEST_MQTT_USERNAME",
-    mqtt_password: Secret => "INGEST_MQTT_PASSWORD",
-    mqtt_password_file: PathBuf => "INGEST_MQTT_PASSWORD_FILE",
-    mqtt_tls: bool => "INGEST_MQTT_TLS",
-    mqtt_ca_file: PathBuf => "INGEST_MQTT_CA_FILE",
-    mqtt_client_cert_file: PathBuf => "INGEST_MQTT_CLIENT_CERT_FILE",
-    mqtt_client_key_file: PathBuf => "INGEST_MQTT_CLIENT_KEY_FILE",
-    mqtt_keep_alive_secs: u64 => "INGEST_MQTT_KEEP_ALIVE_SECS",
-    topic_prefix: String => "INGEST_TOPIC_PREFIX",
-    shared_group: String => "INGEST_SHARED_GROUP",
-    max_payload_bytes: usize => "INGEST_MAX_PAYLOAD_BYTES",
-    clickhouse_url: String => "INGEST_CLICKHOUSE_URL",
-    clickhouse_database: String => "INGEST_CLICKHOUSE_DATABASE",
-    clickhouse_user: String => "INGEST_CLICKHOUSE_USER",
-    clickhouse_password: Secret => "INGEST_CLICKHOUSE_PASSWORD",
-    clickhouse_password_file: PathBuf => "INGEST_CLICKHOUSE_PASSWORD_FILE",
-    retention_days: u32 => "INGEST_RETENTION_DAYS",
-    batch_max_rows: usize => "INGEST_BATCH_MAX_ROWS",
-    batch_max_delay_ms: u64 => "INGEST_BATCH_MAX_DELAY_MS",
-    batch_max_messages: usize => "INGEST_BATCH_MAX_MESSAGES",
-    batch_max_bytes: usize => "INGEST_BATCH_MAX_BYTES",
-    max_inflight_inserts: usize => "INGEST_MAX_INFLIGHT_INSERTS",
-    retry_min_ms: u64 => "INGEST_RETRY_MIN_MS",
-    retry_max_ms: u64 => "INGEST_RETRY_MAX_MS",
-    insert_timeout_secs: u64 => "INGEST_INSERT_TIMEOUT_SECS",
-    insert_retry_budget: u32 => "INGEST_INSERT_RETRY_BUDGET",
-    dedup_horizon_days: u32 => "INGEST_DEDUP_HORIZON_DAYS",
-    rollup_interval_ms: u64 => "INGEST_ROLLUP_INTERVAL_MS",
-    rollup_after_secs: u64 => "INGEST_ROLLUP_AFTER_SECS",
-    rollup_orphan_secs: u64 => "INGEST_ROLLUP_ORPHAN_SECS",
-    shutdown_timeout_secs: u64 => "INGEST_SHUTDOWN_TIMEOUT_SECS",
-    http_address: String => "INGEST_HTTP_ADDRESS",
-    api_max_concurrent: usize => "INGEST_API_MAX_CONCURRENT",
-    api_clickhouse_user: String => "INGEST_API_CLICKHOUSE_USER",
-    api_clickhouse_password: Secret => "INGEST_API_CLICKHOUSE_PASSWORD",
-    api_clickhouse_password_file: PathBuf => "INGEST_API_CLICKHOUSE_PASSWORD_FILE",
-    api_max_memory_bytes: u64 => "INGEST_API_MAX_MEMORY_BYTES",
-    api_max_threads: u32 => "INGEST_API_MAX_THREADS",
-}
-
 impl Cli {
     /// File (or defaults), then environment and flags, validated.
     ///
     /// # Errors
     /// See [`Config::from_file`] and [`Config::validate`].
     pub fn load(self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        self.overrides.apply(&mut config);
-        config.validate()?;
-        config.resolve_secrets()?;
-        Ok(config)
+        Config::load(self.config.as_deref(), self.overrides)
     }
 }
 
@@ -460,7 +270,7 @@ mod tests {
         assert!(Config::from_toml("mqtt_hots = \"x\"").is_err());
         let c = Config::from_toml("mqtt_port = 1884\nshared_group = \"ingest\"").expect("valid toml");
         assert_eq!(c.mqtt_port, 1884);
-        assert_eq!(c.shared_group.as_deref(), Some("ingest"));
+        assert_eq!(c.shared_group(), Some("ingest"));
         assert_eq!(c.batch_max_rows, Config::default().batch_max_rows);
     }
 

@@ -222,7 +222,7 @@ async fn serve(
         eventloop,
         subscriber::PollContext {
             client: client.clone(),
-            filters: topics.filters(config.shared_group.as_deref()),
+            filters: topics.filters(config.shared_group()),
             tx: inbound_tx,
             forward_stop: shutdown.clone(),
             hard_stop: hard_stop.clone(),
@@ -243,7 +243,7 @@ async fn serve(
     let acker = tracker.spawn(acker.run(inflight_rx));
     let batcher = batcher::Batcher::new(config, dedup, metrics, writer, inflight_tx, hard_stop.clone());
     tracing::info!(client_id = %config.mqtt_client_id, prefix = %config.topic_prefix,
-        shared_group = ?config.shared_group, "ingest server running");
+        shared_group = ?config.shared_group(), "ingest server running");
     batcher.run(inbound_rx, shutdown.clone()).await;
     // The batcher flushed and dropped its sender: the acker finishes the
     // in-flight jobs (or sees them abandoned at the hard stop).

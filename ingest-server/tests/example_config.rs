@@ -83,7 +83,7 @@ fn the_commented_out_examples_are_valid_too() {
         .join("\n");
     let config = Config::from_toml(&uncommented).expect("uncommented example parses");
     config.validate().expect("uncommented example validates");
-    assert_eq!(config.shared_group.as_deref(), Some("ingest"));
+    assert_eq!(config.shared_group(), Some("ingest"));
 }
 
 #[test]
