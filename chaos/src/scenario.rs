@@ -681,7 +681,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             blocking(move || frozen.freeze()).await?;
             let mut reported = false;
             while fault_start.elapsed() < form.stall() {
-                let health = crate::procs::http_get(&ingests[0].http, "/healthz").await.unwrap_or_default();
+                let health = test_support::http::http_get(&ingests[0].http, "/healthz").await.unwrap_or_default();
                 reported |= health.starts_with("stalled");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -1143,7 +1143,7 @@ struct OwnerMarkers {
 /// How far (s) an ingest server's wall clock is off ours: the `now_ms` of
 /// its `/api/health`.
 async fn clock_skew(daemon: &Daemon) -> Result<i64> {
-    let body = crate::procs::http_get(&daemon.http, "/api/health")
+    let body = test_support::http::http_get(&daemon.http, "/api/health")
         .await
         .with_context(|| format!("{}: no answer from /api/health", daemon.spec.name))?;
     let now_ms: i64 = body

@@ -1,75 +1,36 @@
 //! `deploy/edge-agent.example.toml` stays in step with the configuration:
 //! it loads and validates, names every key (each key is a flag, so the flag
-//! list is the key list), and every value in it is the default.
+//! list is the key list), every key has a comment, and every value in it is
+//! the default (checks shared with the ingest server's: `test_support::example_config`).
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use clap::Args;
 use edge_agent::config::{Config, Overrides};
+use test_support::example_config::{keys_of, Example};
 
 fn example_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/edge-agent.example.toml")
 }
 
-/// Every configuration key, from the flags (one per key, named like it).
-fn all_keys() -> BTreeSet<String> {
-    Overrides::augment_args(clap::Command::new("edge-agent"))
-        .get_arguments()
-        .map(|a| a.get_id().as_str().to_owned())
-        .filter(|id| id != "help" && id != "version")
-        .collect()
-}
-
-/// Keys set in the file (`key = ...`) or shown commented out (`# key = ...`).
-fn keys_in(text: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-    let key_of = |line: &str| {
-        let (key, _) = line.split_once(" = ")?;
-        key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_').then(|| key.to_owned())
-    };
-    let mut set = BTreeSet::new();
-    let mut commented = BTreeSet::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# ") {
-            commented.extend(key_of(rest));
-        } else {
-            set.extend(key_of(line));
-        }
-    }
-    (set, commented)
+fn load() -> Config {
+    Config::load(Some(&example_path()), Overrides::default()).expect("example config loads")
 }
 
 #[test]
 fn the_example_config_loads_and_validates() {
-    let config = Config::load(Some(&example_path()), Overrides::default()).expect("example config loads");
-    assert_eq!(config.client_id, "edge-1");
+    assert_eq!(load().client_id, "edge-1");
 }
 
 #[test]
 fn the_example_config_names_every_key_with_its_default() {
-    let text = std::fs::read_to_string(example_path()).expect("read example");
-    let (set, commented) = keys_in(&text);
-    let keys = all_keys();
-    assert!(keys.len() > 20, "too few keys found: {keys:?}");
-    let documented: BTreeSet<String> = set.union(&commented).cloned().collect();
-    let missing: Vec<_> = keys.difference(&documented).collect();
-    assert!(missing.is_empty(), "keys missing from the example: {missing:?}");
-    let unknown: Vec<_> = documented.difference(&keys).collect();
-    assert!(unknown.is_empty(), "example shows keys that do not exist: {unknown:?}");
-
+    let keys = keys_of(&Overrides::augment_args(clap::Command::new("edge-agent")));
+    Example::read(&example_path()).assert_names_exactly(&keys);
     // Every value shown is the default, so the file documents the defaults.
-    let loaded = Config::load(Some(&example_path()), Overrides::default()).expect("example config loads");
-    assert_eq!(format!("{loaded:?}"), format!("{:?}", Config::default()));
+    assert_eq!(format!("{:?}", load()), format!("{:?}", Config::default()));
 }
 
 #[test]
 fn every_key_in_the_example_has_a_comment() {
-    let text = std::fs::read_to_string(example_path()).expect("read example");
-    let lines: Vec<&str> = text.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        let is_key = line.split_once(" = ").is_some_and(|(k, _)| !k.starts_with('#') && !k.is_empty());
-        if is_key {
-            assert!(i > 0 && lines[i - 1].starts_with('#'), "key without a comment above it: {line}");
-        }
-    }
+    Example::read(&example_path()).assert_every_key_has_a_comment();
 }

@@ -95,7 +95,10 @@ impl Tables {
     }
 }
 
-/// The DDL statements, in order, for `flavor`.
+/// The DDL statements, in order, for `flavor`. Each flavour's tables are
+/// written out whole, not assembled from shared column lists: this is what
+/// `--print-schema` hands a DBA, and the flavours differ in nearly every
+/// column's type or codec.
 #[must_use]
 pub fn ddl(flavor: Flavor, tables: &Tables, retention_days: u32) -> Vec<String> {
     let db = &tables.database;

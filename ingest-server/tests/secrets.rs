@@ -120,9 +120,10 @@ async fn no_secret_appears_in_logs_metrics_or_help_of_a_full_secure_run() {
         assert!(Instant::now() < deadline, "not stored and acked within 60 s; ingest log:\n{}", read(&ingest_log_path));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let agent_metrics =
-        harness::http_get(&agent.http_addr.expect("agent http").to_string(), "/metrics").await.expect("agent /metrics");
-    let ingest_metrics = harness::http_get(&ingest_http, "/metrics").await.expect("ingest /metrics");
+    let agent_metrics = test_support::http::http_get(&agent.http_addr.expect("agent http").to_string(), "/metrics")
+        .await
+        .expect("agent /metrics");
+    let ingest_metrics = test_support::http::http_get(&ingest_http, "/metrics").await.expect("ingest /metrics");
     drop(sensor);
     agent.shutdown().await;
     let _ = std::process::Command::new("kill").args(["-TERM", &ingest.id().to_string()]).status();

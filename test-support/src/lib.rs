@@ -10,6 +10,9 @@
 //! may opt in to skipping such tests visibly (`TELEMETRY_ALLOW_SKIP=1`, never
 //! under CI; each prints `SKIPPED: <reason>`).
 
+pub mod example_config;
+pub mod http;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;

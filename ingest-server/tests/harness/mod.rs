@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ingest_server::{Config, Metrics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use telemetry_wire::{Batch, IngestAck, Reading, SeqRange};
+use test_support::http::{http_get, metric_value};
 use test_support::{Service, Stack};
 use tokio_util::sync::CancellationToken;
 
@@ -350,17 +351,6 @@ pub fn mosquitto_pub(world: &World, topic: &str, args: &[&str]) {
     assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// GET `path` from `addr` over plain HTTP/1.1; the body, or `None` if unreachable.
-pub async fn http_get(addr: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
-}
-
 /// The ingest-server binary as a child process (for SIGKILL tests).
 pub struct Binary {
     child: std::process::Child,
@@ -430,19 +420,14 @@ impl Binary {
     /// unanswered).
     pub async fn received_and_inserted(&self) -> (f64, f64) {
         let body = http_get(&self.http, "/metrics").await.unwrap_or_default();
-        let value = |name| metric_in(&body, name).unwrap_or(0.0);
+        let value = |name| metric_value(&body, name).unwrap_or(0.0);
         (value("telemetry_ingest_received_readings_total"), value("telemetry_ingest_inserted_readings_total"))
     }
 
     /// A counter or gauge value from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        metric_in(&http_get(&self.http, "/metrics").await?, name)
+        metric_value(&http_get(&self.http, "/metrics").await?, name)
     }
-}
-
-/// The unlabelled sample of metric `name` in a Prometheus text body.
-fn metric_in(body: &str, name: &str) -> Option<f64> {
-    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 impl Drop for Binary {
