@@ -117,7 +117,7 @@ async fn postgres_restarted_mid_stream_loses_no_acked_reading() {
     })
     .await;
     pg.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage's length, not a wait for a condition
     pg.restart();
     assert_eq!(emu.await.unwrap().acked, n, "the reliable emulator gets every reading acked eventually");
     eventually(Duration::from_secs(60), "collector saw every reading", || collector.distinct() == n as usize).await;
@@ -142,6 +142,7 @@ async fn at_quota_backpressure_holds_sensors_without_acking() {
     let (progress, emu, cancel) = spawn_emulator(c);
     let m = agent.shared.metrics.clone();
     eventually(Duration::from_secs(20), "quota reached", || m.quota_backpressure.get() > 0).await;
+    // An absence check: for a second past the quota, nothing more may be acked.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(agent.shared.outbox_size().0 <= 1000);
     assert!(progress.acked.load(std::sync::atomic::Ordering::Relaxed) <= 1000, "nothing beyond the quota acked");
@@ -274,7 +275,7 @@ async fn agent_killed_with_sigkill_resumes_from_the_outbox() {
     .await;
     agent.start_kill().unwrap(); // SIGKILL
     agent.wait().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the agent stays down this long
     let mut agent = spawn();
     let stats = emu.await.unwrap();
     assert_eq!(stats.acked, n, "the reliable emulator resent what was not acked");
@@ -306,6 +307,7 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
     let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
     let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "i"));
     assert_eq!(emu.await.unwrap().acked, 3000);
+    // An absence check: the echoes arrive within this second and must delete nothing.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(agent.shared.outbox_size().0, 3000, "echoes do not delete in ingest mode");
 
