@@ -220,6 +220,9 @@ async fn commit(
                 tracing::info!(first, "an interrupted commit had succeeded");
                 return Some(first);
             }
+            Err(OutboxError::SeqConflict { found, expected }) if found < expected => {
+                rolled_back(outbox, found, expected, shared).await;
+            }
             Err(OutboxError::SeqConflict { found, expected }) => {
                 shared.metrics.postgres_errors.inc();
                 tracing::error!(expected, found, "outbox seq moved under us (a second agent on this outbox?)");
@@ -243,10 +246,37 @@ async fn commit(
                             tracing::info!(first, "an interrupted commit had succeeded");
                             return Some(first);
                         }
-                        *next_seq = found;
+                        if found < first {
+                            rolled_back(outbox, found, first, shared).await;
+                        } else {
+                            *next_seq = found;
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// The table's `next_seq` (`found`) is behind `ours`, a seq this agent
+/// already gave out: the outbox was rolled back under the running agent (a
+/// restored backup, a failover to a lagging replica). Reusing those seqs
+/// would make new readings look like duplicates to the ingest server, which
+/// would ack them unstored; so the table is moved forward to `ours` and the
+/// agent goes on from there. Counted and logged; the caller retries its
+/// insert (a failed move is seen again by it).
+async fn rolled_back(outbox: &mut Outbox, found: u64, ours: u64, shared: &Shared) {
+    shared.metrics.outbox_rollbacks.inc();
+    tracing::error!(
+        table_next_seq = found,
+        agent_next_seq = ours,
+        "the outbox was rolled back under the agent (restored backup or lagging replica?): moving next_seq \
+         forward, no seq is reused; rows that reappeared are published again at the next reconnect or start"
+    );
+    if let Err(error) = outbox.advance_next_seq(found, ours).await {
+        shared.metrics.postgres_errors.inc();
+        outbox.reset();
+        tracing::warn!(%error, "moving next_seq forward failed; retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

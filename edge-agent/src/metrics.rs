@@ -62,6 +62,10 @@ pub struct Metrics {
     pub postgres_errors: Counter,
     /// Confirmations that matched nothing in flight (duplicates, late echoes).
     pub confirms_unmatched: Counter,
+    /// Outbox rollbacks seen at run time (the table's `next_seq` behind the
+    /// seqs this agent already gave out: a restored backup, a failover to a
+    /// lagging replica). The table is moved forward; no seq is reused.
+    pub outbox_rollbacks: Counter,
     /// Rows in the outbox.
     pub outbox_rows: Gauge,
     /// Bytes of reading data in the outbox.
@@ -101,6 +105,7 @@ impl Default for Metrics {
             mqtt_errors: Counter::default(),
             postgres_errors: Counter::default(),
             confirms_unmatched: Counter::default(),
+            outbox_rollbacks: Counter::default(),
             outbox_rows: Gauge::default(),
             outbox_bytes: Gauge::default(),
             connections: Gauge::default(),
@@ -142,6 +147,11 @@ impl Metrics {
         r.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors);
         r.register("postgres_errors", "Postgres errors", m.postgres_errors);
         r.register("confirms_unmatched", "Confirmations matching nothing in flight", m.confirms_unmatched);
+        r.register(
+            "outbox_rollbacks",
+            "Outbox rollbacks detected (next_seq moved back; moved forward again)",
+            m.outbox_rollbacks,
+        );
         r.register("outbox_rows", "Rows in the outbox", m.outbox_rows);
         r.register("outbox_bytes", "Bytes of reading data in the outbox", m.outbox_bytes);
         r.register("connections", "Open sensor connections", m.connections);

@@ -10,8 +10,18 @@
 //! - The insert is guarded by the expected `next_seq`: a second agent writing
 //!   the same outbox, or a retry of a commit that did go through, is detected
 //!   instead of duplicating seqs.
-//! - `epoch` is random, made once with the outbox: a wiped or new outbox
-//!   never reuses `(client_id, epoch, seq)`.
+//! - `epoch` is random and new at every agent start (every row, old or new,
+//!   is published under the running agent's epoch). An outbox restored from
+//!   an older backup, a reverted disk snapshot or a lagging replica that took
+//!   over while the agent was down holds a `next_seq` the agent already gave
+//!   out; under a new epoch the ingest server still sees every new reading as
+//!   new (a reading that was stored under the old epoch and is published
+//!   again is a duplicate by its identity, which ClickHouse removes). A
+//!   rollback while the agent runs is caught by the guarded insert (the
+//!   table's `next_seq` is behind the agent's), and the table is moved
+//!   forward instead of reusing seqs (see `committer`).
+//! - Every session runs with `synchronous_commit = on`, whatever the server's
+//!   default: a sensor is acked only after its rows are durable.
 //!
 //! A connection that fails is dropped and re-established on the next call;
 //! callers retry with backoff.
@@ -137,6 +147,9 @@ impl Outbox {
                 }
             });
             let s = &self.schema;
+            // A sensor is acked after the commit returns: the commit must be
+            // on disk then, whatever the server's (or a DBA's) default.
+            client.batch_execute("SET synchronous_commit = on").await?;
             // Idempotent; statements below need the tables to exist.
             client.batch_execute(&ddl(s)).await?;
             let insert = client
@@ -168,8 +181,10 @@ impl Outbox {
         self.conn = None;
     }
 
-    /// Creates the schema if needed (a new random epoch for a new outbox) and
-    /// reports what the outbox holds.
+    /// Creates the schema if needed, starts a new random epoch (see the
+    /// module docs: no `(epoch, seq)` is ever reused, even by an outbox
+    /// rolled back while the agent was down) and reports what the outbox
+    /// holds.
     ///
     /// # Errors
     /// Postgres errors.
@@ -178,16 +193,15 @@ impl Outbox {
         let (client, _) = self.client().await?;
         // The epoch is a random u64 stored bit-for-bit in a bigint.
         let epoch = fastrand::u64(..) as i64;
-        client
-            .execute(
+        let meta = client
+            .query_one(
                 &format!(
                     "INSERT INTO {s}.outbox_meta (id, epoch, next_seq, schema_version) VALUES (1, $1, 1, 1) \
-                     ON CONFLICT (id) DO NOTHING"
+                     ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch RETURNING epoch, next_seq"
                 ),
                 &[&epoch],
             )
             .await?;
-        let meta = client.query_one(&format!("SELECT epoch, next_seq FROM {s}.outbox_meta WHERE id = 1"), &[]).await?;
         let rows = client
             .query_one(
                 &format!("SELECT count(*)::int8, coalesce(sum(octet_length(sensor)), 0)::int8 FROM {s}.outbox"),
@@ -212,6 +226,23 @@ impl Outbox {
         let (client, _) = self.client().await?;
         let row = client.query_one(&format!("SELECT next_seq FROM {s}.outbox_meta WHERE id = 1"), &[]).await?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Moves `next_seq` from `found` forward to `to` (after a rollback: see
+    /// the module docs); `false` when it was not `found` any more.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn advance_next_seq(&mut self, found: u64, to: u64) -> Result<bool, OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
+        let moved = client
+            .execute(
+                &format!("UPDATE {s}.outbox_meta SET next_seq = $2 WHERE id = 1 AND next_seq = $1"),
+                &[&(found as i64), &(to as i64)],
+            )
+            .await?;
+        Ok(moved == 1)
     }
 
     /// Inserts `readings` as seqs `first_seq..` in one statement (one

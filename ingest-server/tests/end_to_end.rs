@@ -83,3 +83,84 @@ async fn ingest_killed_between_receive_and_insert_loses_nothing_end_to_end() {
     agent.shutdown().await;
     assert!(ingest.terminate().success());
 }
+
+/// Runs `psql` or `pg_dump` against the test database.
+fn pg_tool(tool: &str, pg: &str, args: &[&str]) {
+    let out = std::process::Command::new(tool).arg("-d").arg(pg).args(args).output().expect("run a Postgres tool");
+    assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Streams `n` readings (4 sensors, timestamps from `first_ts`) to `agent`
+/// and waits until every one is acked to the sensor.
+async fn send(agent: &Agent, n: u64, first_ts: i64) {
+    let ListenAddr::Tcp(addr) = agent.listen_addrs[0].clone() else { unreachable!() };
+    let mut emu = StreamConfig::new(SensorKind::Temperature, Endpoint::Tcp(addr));
+    emu.count = Some(n);
+    emu.rate = Rate::Max;
+    emu.sensors = 4;
+    emu.reliable = true;
+    emu.synthetic_ts = Some((first_ts, 1000));
+    let stats = emulators::run(emu, Arc::new(Progress::default()), CancellationToken::new()).await;
+    assert_eq!(stats.acked, n);
+}
+
+/// Issue 12: an outbox restored from an older dump gives out seqs again that
+/// the ingest server already stored. Neither a restore under the running
+/// agent nor one while it is stopped may make new readings look like
+/// duplicates (which the server would ack unstored, and the agent delete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
+    let Some(world) = World::new() else { return };
+    let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
+    let pg = test_support::fresh_pg_database(&stack).await;
+    let server = harness::Server::start(world.config()).await;
+    let agent_config = edge_agent::Config {
+        client_id: "rollback-1".into(),
+        mqtt_client_id: test_support::unique_name("agent"),
+        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+        postgres_url: pg.clone(),
+        mqtt_port: world.stack.mqtt_port,
+        topic_prefix: world.prefix.clone(),
+        http_listen: String::new(),
+        confirm: ConfirmMode::Ingest,
+        ..edge_agent::Config::default()
+    };
+    let drained = |agent: &Agent| agent.shared.outbox_size().0 == 0;
+    let dump = std::env::temp_dir().join(format!("{}.sql", test_support::unique_name("outbox")));
+    let dump_path = dump.to_str().expect("utf-8 path");
+    let restore = || pg_tool("psql", &pg, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", dump_path]);
+
+    let agent = Agent::start(agent_config.clone(), CancellationToken::new()).await.expect("agent starts");
+    let first_epoch = agent.epoch;
+    send(&agent, 1000, harness::BASE_TS).await;
+    world.wait_stored(1000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;
+    // The backup: next_seq 1001.
+    pg_tool("pg_dump", &pg, &["-n", "edge_agent", "--clean", "--if-exists", "-f", dump_path]);
+    send(&agent, 1000, harness::BASE_TS + 10_000_000).await;
+    world.wait_stored(2000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;
+
+    // Restored under the running agent: its next commit finds next_seq 1001
+    // behind its own 2001 and moves the table forward.
+    restore();
+    send(&agent, 1000, harness::BASE_TS + 20_000_000).await;
+    world.wait_stored(3000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;
+    assert!(agent.shared.metrics.outbox_rollbacks.get() >= 1, "the rollback under the agent was seen");
+    agent.shutdown().await;
+
+    // Restored while the agent is stopped: a new start is a new epoch.
+    restore();
+    let agent = Agent::start(agent_config, CancellationToken::new()).await.expect("agent restarts");
+    assert_ne!(agent.epoch, first_epoch, "every start is a new epoch");
+    send(&agent, 1000, harness::BASE_TS + 30_000_000).await;
+    world.wait_stored(4000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;
+    assert_eq!(world.distinct_readings().await, 4000, "every reading of the four runs is stored once");
+    assert_eq!(world.final_readings().await, 4000);
+    world.assert_rollup_exact().await;
+    agent.shutdown().await;
+    server.stop().await;
+    let _ = std::fs::remove_file(&dump);
+}
