@@ -60,8 +60,11 @@ pub struct Metrics {
     pub mqtt_errors: Counter,
     /// Postgres errors (each followed by a retry).
     pub postgres_errors: Counter,
-    /// Confirmations that matched nothing in flight (duplicates, late echoes).
-    pub confirms_unmatched: Counter,
+    /// Confirmations that deleted nothing, by reason: `other_epoch` (of an
+    /// earlier start), `not_in_flight` (no batch published and unconfirmed
+    /// has exactly this range: a late or duplicate confirmation, or a forged
+    /// one), `payload_mismatch` (an echo whose bytes are not the batch's).
+    pub confirmations_rejected: Family<Reason, Counter>,
     /// Outbox rollbacks seen at run time (the table's `next_seq` behind the
     /// seqs this agent already gave out: a restored backup, a failover to a
     /// lagging replica). The table is moved forward; no seq is reused.
@@ -104,7 +107,7 @@ impl Default for Metrics {
             mqtt_connects: Counter::default(),
             mqtt_errors: Counter::default(),
             postgres_errors: Counter::default(),
-            confirms_unmatched: Counter::default(),
+            confirmations_rejected: Family::default(),
             outbox_rollbacks: Counter::default(),
             outbox_rows: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -146,7 +149,11 @@ impl Metrics {
         r.register("mqtt_connects", "MQTT connections", m.mqtt_connects);
         r.register("mqtt_errors", "MQTT connection errors", m.mqtt_errors);
         r.register("postgres_errors", "Postgres errors", m.postgres_errors);
-        r.register("confirms_unmatched", "Confirmations matching nothing in flight", m.confirms_unmatched);
+        r.register(
+            "confirmations_rejected",
+            "Confirmations that deleted nothing (other epoch, not in flight, echo bytes differ)",
+            m.confirmations_rejected,
+        );
         r.register(
             "outbox_rollbacks",
             "Outbox rollbacks detected (next_seq moved back; moved forward again)",

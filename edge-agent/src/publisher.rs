@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::committer::Block;
 use crate::config::ConfirmMode;
+use crate::metrics::Reason;
 use crate::mqtt::MqttEvent;
 use crate::outbox::Outbox;
 use crate::shared::Shared;
@@ -216,7 +217,9 @@ impl Publisher {
                 if topic == self.config.data_topic && self.config.confirm == ConfirmMode::Echo {
                     match Batch::decode_header(&payload, self.config.max_packet_bytes) {
                         Ok((client_id, range)) if client_id == self.config.client_id => {
-                            self.confirm(range, Confirmation::Confirmed);
+                            if self.echo_matches(range, &payload) {
+                                self.confirm(range, Confirmation::Confirmed);
+                            }
                         }
                         Ok((client_id, _)) => tracing::warn!(%client_id, "batch of another client on our topic"),
                         Err(error) => tracing::warn!(%error, "undecodable message on our own topic"),
@@ -234,20 +237,51 @@ impl Publisher {
         }
     }
 
-    /// A confirmation of `range`: delete exactly those rows; retire the
-    /// in-flight batches it covers. A range of another epoch (an outbox that
-    /// was wiped) is ignored: those seqs mean other rows now. A rejection
-    /// (the server dead-lettered those readings for good) deletes the same
-    /// way, since republishing cannot help, but is counted and logged apart.
+    /// Whether an echo is, byte for byte, the batch this agent published as
+    /// `range` and is still waiting for: the broker routes our own publish
+    /// back unchanged, so anything else on our topic (a forged or stale
+    /// batch with our client id) confirms nothing.
+    fn echo_matches(&self, range: SeqRange, payload: &[u8]) -> bool {
+        if range.epoch != self.config.epoch {
+            return self.reject_confirmation(range, "other_epoch");
+        }
+        match self.window.exact(range.first_seq, range.last_seq) {
+            Some(batch) if batch.payload == payload => true,
+            Some(_) => self.reject_confirmation(range, "payload_mismatch"),
+            None => self.reject_confirmation(range, "not_in_flight"),
+        }
+    }
+
+    /// Counts and logs a confirmation that deletes nothing; `false`.
+    fn reject_confirmation(&self, range: SeqRange, reason: &'static str) -> bool {
+        self.shared.metrics.confirmations_rejected.get_or_create(&Reason { reason }).inc();
+        tracing::debug!(
+            epoch = range.epoch,
+            first_seq = range.first_seq,
+            last_seq = range.last_seq,
+            reason,
+            "confirmation ignored (late, duplicate or forged): it deletes nothing"
+        );
+        false
+    }
+
+    /// A confirmation of `range`: retire the in-flight batches it covers and
+    /// delete exactly their rows, nothing else. A range of another epoch (an
+    /// earlier start: those seqs are republished under this one) or one that
+    /// covers no batch in flight (late, duplicate, or forged by someone who
+    /// may publish on our topics) deletes nothing: counted and logged. A
+    /// rejection (the server dead-lettered those readings for good) deletes
+    /// the same way, since republishing cannot help, but is counted and
+    /// logged apart.
     fn confirm(&mut self, range: SeqRange, kind: Confirmation) {
         if range.epoch != self.config.epoch {
-            self.shared.metrics.confirms_unmatched.inc();
-            tracing::debug!(epoch = range.epoch, "confirmation for another outbox epoch ignored");
+            self.reject_confirmation(range, "other_epoch");
             return;
         }
         let retired = self.window.confirm(range.first_seq, range.last_seq);
         if retired.is_empty() {
-            self.shared.metrics.confirms_unmatched.inc();
+            self.reject_confirmation(range, "not_in_flight");
+            return;
         }
         let readings: u64 = retired.iter().map(|(_, b)| b.readings).sum();
         match (kind, self.config.confirm) {
@@ -268,9 +302,9 @@ impl Publisher {
             }
         }
         self.shared.metrics.inflight_batches.set(self.window.len() as i64);
-        // Deleting rows that are already gone is harmless; the echo proves
-        // the broker took exactly these seqs (seq → reading never changes).
-        let _ = self.deletes.send((range.first_seq, range.last_seq));
+        for (first, batch) in retired {
+            let _ = self.deletes.send((first, batch.last_seq));
+        }
     }
 
     async fn on_tick(&mut self) {

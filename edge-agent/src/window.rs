@@ -2,7 +2,9 @@
 //! state, no I/O, so its rules are unit-tested without a broker.
 //!
 //! Confirmations name exact seq ranges. A confirmation removes every batch
-//! it fully covers, whatever order batches were published or confirmed in;
+//! it fully covers, whatever order batches were published or confirmed in,
+//! and only those batches' rows are deleted (a range that covers no batch in
+//! flight deletes nothing);
 //! a batch only partly covered (re-cut after a restart) stays until it times
 //! out and is published again, which is safe: duplicates are removed by
 //! identity downstream, while a missed batch would be a loss.
@@ -69,6 +71,12 @@ impl Window {
         keys.into_iter().filter_map(|k| self.batches.remove(&k).map(|b| (k, b))).collect()
     }
 
+    /// The batch published as exactly `first..=last`, if it is in flight.
+    #[must_use]
+    pub fn exact(&self, first: u64, last: u64) -> Option<&Inflight> {
+        self.batches.get(&first).filter(|b| b.last_seq == last)
+    }
+
     /// First seqs of batches unconfirmed for longer than `timeout`.
     #[must_use]
     pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<u64> {
@@ -130,6 +138,19 @@ mod tests {
         assert_eq!(w.confirm(11, 20).len(), 1);
         assert_eq!(w.confirm(1, 10).len(), 1);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn only_a_batch_in_flight_with_exactly_that_range_is_found() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        assert_eq!(w.exact(11, 20).map(|b| b.last_seq), Some(20));
+        assert!(w.exact(11, 19).is_none(), "a part of a batch");
+        assert!(w.exact(1, 20).is_none(), "two batches");
+        assert!(w.exact(21, 30).is_none(), "never published");
+        let _ = w.confirm(11, 20);
+        assert!(w.exact(11, 20).is_none(), "already confirmed");
     }
 
     #[test]

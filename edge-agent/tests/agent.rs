@@ -304,47 +304,114 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
     let prefix = topic_prefix();
     let mut config = agent_config(&pg, stack.mqtt_port, &prefix);
     config.confirm = ConfirmMode::Ingest;
-    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
-    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "i"));
-    assert_eq!(emu.await.unwrap().acked, 3000);
-    // An absence check: the echoes arrive within this second and must delete nothing.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(agent.shared.outbox_size().0, 3000, "echoes do not delete in ingest mode");
+    config.batch_max_readings = 500;
 
-    // Play the ingest server: ack two exact ranges, one from the middle.
+    // Play the ingest server: see every batch the agent publishes (its
+    // exact ranges), and send acks.
     let mut options = rumqttc::MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
-    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-    let ack = |first_seq, last_seq| {
-        telemetry_wire::IngestAck::stored(vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq, last_seq }])
-    };
+    let published = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<u64, u64>::new()));
+    let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (published, subscribed) = (published.clone(), subscribed.clone());
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                        if let Ok((_, range)) = telemetry_wire::Batch::decode_header(&p.payload, 1 << 20) {
+                            published.lock().unwrap().insert(range.first_seq, range.last_seq);
+                        }
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                        subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    client.subscribe(format!("{prefix}/client/dev-1"), rumqttc::QoS::AtLeastOnce).await.unwrap();
+    eventually(Duration::from_secs(10), "fake ingest subscribed", || {
+        subscribed.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "i"));
+    assert_eq!(emu.await.unwrap().acked, 3000);
+    eventually(Duration::from_secs(10), "every batch seen", || published.lock().unwrap().values().max() == Some(&3000))
+        .await;
+    // An absence check: the echoes arrive within this second and must delete nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(agent.shared.outbox_size().0, 3000, "echoes do not delete in ingest mode");
+    let batches: Vec<(u64, u64)> = published.lock().unwrap().iter().map(|(&f, &l)| (f, l)).collect();
+    assert!(batches.len() >= 6, "batches of at most 500 readings: {batches:?}");
+    let size = |(f, l): (u64, u64)| l - f + 1;
+
+    let range = |epoch, (first_seq, last_seq)| telemetry_wire::SeqRange { epoch, first_seq, last_seq };
+    let ack = |r: (u64, u64)| telemetry_wire::IngestAck::stored(vec![range(agent.epoch, r)]);
     let topic = format!("{prefix}/ack/dev-1");
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1001, 2000).encode()).await.unwrap();
-    eventually(Duration::from_secs(10), "middle range deleted", || agent.shared.outbox_size().0 == 2000).await;
-    // An ack for another epoch deletes nothing.
-    let foreign = telemetry_wire::IngestAck::stored(vec![telemetry_wire::SeqRange {
-        epoch: agent.epoch ^ 1,
-        first_seq: 1,
-        last_seq: 3000,
-    }]);
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, foreign.encode()).await.unwrap();
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(1, 1000).encode()).await.unwrap();
-    eventually(Duration::from_secs(10), "first range deleted", || agent.shared.outbox_size().0 == 1000).await;
+    let rejected_total = || {
+        family_total(
+            &agent.shared.metrics.confirmations_rejected,
+            &["other_epoch", "not_in_flight", "payload_mismatch"],
+        )
+    };
+    let mut left = 3000;
+
+    // An exact batch from the middle: exactly its rows go.
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(batches[2]).encode()).await.unwrap();
+    left -= size(batches[2]);
+    eventually(Duration::from_secs(10), "middle batch deleted", || agent.shared.outbox_size().0 == left).await;
+
+    // Forged or stale: another epoch, and ranges that are no batch in flight
+    // (half of one; one already confirmed): nothing deleted, each counted.
+    let before = rejected_total();
+    let (f0, l0) = batches[0];
+    let forged = [
+        telemetry_wire::IngestAck::stored(vec![range(agent.epoch ^ 1, (1, 3000))]),
+        ack((f0, f0 + size(batches[0]) / 2)),
+        ack(batches[2]),
+    ];
+    for a in forged {
+        client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, a.encode()).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "forged acks counted", || rejected_total() == before + 3).await;
+    assert_eq!(agent.shared.outbox_size().0, left, "no forged or stale ack deleted anything");
+
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack((f0, l0)).encode()).await.unwrap();
+    left -= size(batches[0]);
+    eventually(Duration::from_secs(10), "first batch deleted", || agent.shared.outbox_size().0 == left).await;
     // Rejected for good by the server (dead-lettered there): deleted too,
     // and counted apart from the stored ones.
     let acked_before = agent.shared.metrics.readings_ingest_acked.get();
-    let rejected = telemetry_wire::IngestAck {
-        ranges: vec![],
-        rejected: vec![telemetry_wire::SeqRange { epoch: agent.epoch, first_seq: 2001, last_seq: 2500 }],
-    };
+    let rejected = telemetry_wire::IngestAck { ranges: vec![], rejected: vec![range(agent.epoch, batches[3])] };
     client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, rejected.encode()).await.unwrap();
-    eventually(Duration::from_secs(10), "rejected range deleted", || agent.shared.outbox_size().0 == 500).await;
+    left -= size(batches[3]);
+    eventually(Duration::from_secs(10), "rejected batch deleted", || agent.shared.outbox_size().0 == left).await;
     assert_eq!(agent.shared.metrics.readings_ingest_acked.get(), acked_before, "a rejection is not a confirmation");
+    assert_eq!(agent.shared.metrics.readings_rejected_by_ingest.get(), size(batches[3]));
     let (pgc, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let row = pgc.query_one("SELECT min(seq), max(seq), count(*) FROM edge_agent.outbox", &[]).await.unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2501, 3000, 500));
+    let row = pgc.query_one("SELECT count(*) FROM edge_agent.outbox", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0) as u64, left);
+    let gone = pgc
+        .query_one(
+            "SELECT count(*) FROM edge_agent.outbox WHERE seq BETWEEN $1 AND $2 OR seq BETWEEN $3 AND $4 \
+             OR seq BETWEEN $5 AND $6",
+            &[
+                &(batches[0].0 as i64),
+                &(batches[0].1 as i64),
+                &(batches[2].0 as i64),
+                &(batches[2].1 as i64),
+                &(batches[3].0 as i64),
+                &(batches[3].1 as i64),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(gone.get::<_, i64>(0), 0, "exactly the confirmed batches' rows are gone");
     agent.shutdown().await;
 }
 
