@@ -177,6 +177,23 @@ telemetry_settings::settings! {
     window: usize = 64, env "EDGE_AGENT_WINDOW";
     /// What confirms a batch: its echo on our own topic, or the ingest ack.
     confirm: ConfirmMode = ConfirmMode::Echo, env "EDGE_AGENT_CONFIRM", arg(value_enum);
+    /// In echo mode, delete on echo only while an ingest server announces a
+    /// durable subscription (retained on `<prefix>/ingest/+`); until one does,
+    /// echoed batches stay in the outbox and are published again when it
+    /// appears. `false`: any echo deletes (a consumer other than this
+    /// pipeline's ingest server).
+    echo_wait_for_ingest: bool = true, env "EDGE_AGENT_ECHO_WAIT_FOR_INGEST";
+    /// In echo mode, readings echoed (deleted here) but not yet acked by an
+    /// ingest server, at most: beyond it the agent stops publishing, so a
+    /// lagging centre makes the durable outbox grow, not the broker's
+    /// memory (0: no limit).
+    echo_ahead_max_readings: u64 = 200_000, env "EDGE_AGENT_ECHO_AHEAD_MAX_READINGS";
+    /// The same bound in bytes of batch payload (0: no limit).
+    echo_ahead_max_bytes: u64 = 16 << 20, env "EDGE_AGENT_ECHO_AHEAD_MAX_BYTES";
+    /// Echoed readings with no ingest ack after this many seconds stop
+    /// counting against the bound (counted and logged: the broker may have
+    /// lost them).
+    echo_ahead_timeout_secs: u64 = 600, env "EDGE_AGENT_ECHO_AHEAD_TIMEOUT_SECS";
     /// Publish a batch again when unconfirmed after this many milliseconds.
     confirm_timeout_ms: u64 = 5000, env "EDGE_AGENT_CONFIRM_TIMEOUT_MS";
     /// Outbox quota in rows.
@@ -268,6 +285,12 @@ impl Config {
     #[must_use]
     pub fn ack_topic(&self) -> String {
         format!("{}/ack/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// `<prefix>/ingest/+`: the ingest servers' retained presence announcements.
+    #[must_use]
+    pub fn presence_filter(&self) -> String {
+        format!("{}/ingest/+", self.topic_prefix)
     }
 
     /// `<prefix>/status/<client_id>`: the retained status message.

@@ -30,6 +30,9 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "mqtt_connected": shared.connected(),
         "outbox_rows": rows,
         "outbox_bytes": bytes,
+        "ingest_present": shared.metrics.ingest_present.get() == 1,
+        "echo_held_batches": shared.metrics.echo_held_batches.get(),
+        "echo_ahead_readings": shared.metrics.echo_ahead_readings.get(),
     }))
 }
 

@@ -23,6 +23,7 @@
 //! Each stage is a tokio task joined by bounded channels; shutdown goes
 //! through one [`CancellationToken`].
 
+pub mod ahead;
 pub mod committer;
 pub mod config;
 pub mod confirm;
@@ -202,6 +203,11 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
             epoch: state.epoch,
             data_topic: config.data_topic(),
             ack_topic: config.ack_topic(),
+            presence_filter: config.presence_filter(),
+            wait_for_ingest: config.echo_wait_for_ingest,
+            ahead_max_readings: config.echo_ahead_max_readings,
+            ahead_max_bytes: config.echo_ahead_max_bytes,
+            ahead_timeout: Duration::from_secs(config.echo_ahead_timeout_secs),
             status_topic: config.status_topic(),
             confirm: config.confirm,
             batch_max_readings: config.batch_max_readings,

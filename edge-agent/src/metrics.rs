@@ -69,6 +69,17 @@ pub struct Metrics {
     /// seqs this agent already gave out: a restored backup, a failover to a
     /// lagging replica). The table is moved forward; no seq is reused.
     pub outbox_rollbacks: Counter,
+    /// 1 while an ingest server announces a durable subscription (echo mode
+    /// deletes on echo only then).
+    pub ingest_present: Gauge,
+    /// Batches echoed while no ingest server was announced: kept in the
+    /// outbox, published again when one is.
+    pub echo_held_batches: Gauge,
+    /// Readings echoed (deleted here) and not yet acked by an ingest server:
+    /// what lives only in the broker (bounded by `echo_ahead_max_*`).
+    pub echo_ahead_readings: Gauge,
+    /// Echoed readings that got no ingest ack within `echo_ahead_timeout_secs`.
+    pub echo_ahead_expired_readings: Counter,
     /// Rows in the outbox.
     pub outbox_rows: Gauge,
     /// Bytes of reading data in the outbox.
@@ -109,6 +120,10 @@ impl Default for Metrics {
             postgres_errors: Counter::default(),
             confirmations_rejected: Family::default(),
             outbox_rollbacks: Counter::default(),
+            ingest_present: Gauge::default(),
+            echo_held_batches: Gauge::default(),
+            echo_ahead_readings: Gauge::default(),
+            echo_ahead_expired_readings: Counter::default(),
             outbox_rows: Gauge::default(),
             outbox_bytes: Gauge::default(),
             connections: Gauge::default(),
@@ -158,6 +173,14 @@ impl Metrics {
             "outbox_rollbacks",
             "Outbox rollbacks detected (next_seq moved back; moved forward again)",
             m.outbox_rollbacks,
+        );
+        r.register("ingest_present", "1 while an ingest server announces a durable subscription", m.ingest_present);
+        r.register("echo_held_batches", "Echoed batches kept for want of an ingest server", m.echo_held_batches);
+        r.register("echo_ahead_readings", "Readings echoed, not yet acked by an ingest server", m.echo_ahead_readings);
+        r.register(
+            "echo_ahead_expired_readings",
+            "Echoed readings never acked by an ingest server within the timeout",
+            m.echo_ahead_expired_readings,
         );
         r.register("outbox_rows", "Rows in the outbox", m.outbox_rows);
         r.register("outbox_bytes", "Bytes of reading data in the outbox", m.outbox_bytes);

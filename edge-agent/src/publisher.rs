@@ -15,7 +15,7 @@
 //! handed to the broker in this session; whatever lies above it and is not
 //! in memory is loaded from Postgres.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use telemetry_wire::{AgentStatus, Batch, IngestAck, Reading, SeqRange};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::ahead::EchoAhead;
 use crate::committer::Block;
 use crate::config::ConfirmMode;
 use crate::metrics::Reason;
@@ -58,6 +59,16 @@ pub struct PublisherConfig {
     pub data_topic: String,
     /// Ingest acks arrive here.
     pub ack_topic: String,
+    /// The ingest servers' presence announcements (`<prefix>/ingest/+`).
+    pub presence_filter: String,
+    /// Echo mode: delete on echo only while an ingest server is announced.
+    pub wait_for_ingest: bool,
+    /// Echo mode: readings echoed and not ingest-acked, at most (0: no limit).
+    pub ahead_max_readings: u64,
+    /// Echo mode: the same in payload bytes (0: no limit).
+    pub ahead_max_bytes: u64,
+    /// Echo mode: an echoed batch without an ingest ack stops counting after this.
+    pub ahead_timeout: Duration,
     /// Retained status goes here.
     pub status_topic: String,
     /// What confirms a batch.
@@ -98,6 +109,12 @@ pub struct Publisher {
     last_received: u64,
     last_confirmed: u64,
     draining: bool,
+    /// Ingest servers whose presence announcement is set (echo mode).
+    present: BTreeSet<String>,
+    /// Echoed batches not yet acked by an ingest server (echo mode).
+    ahead: EchoAhead,
+    /// Whether the absence of any ingest server was logged since the last presence.
+    absence_logged: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -118,6 +135,7 @@ impl Publisher {
     ) -> Self {
         let memory_cap = (config.window * config.batch_max_readings * 4).max(100_000);
         let window = Window::new(config.window);
+        let ahead = EchoAhead::new(config.ahead_max_readings, config.ahead_max_bytes);
         Self {
             config,
             client,
@@ -135,6 +153,9 @@ impl Publisher {
             last_received: 0,
             last_confirmed: 0,
             draining: false,
+            present: BTreeSet::new(),
+            ahead,
+            absence_logged: false,
         }
     }
 
@@ -193,19 +214,26 @@ impl Publisher {
     fn on_event(&mut self, event: MqttEvent) {
         match event {
             MqttEvent::Connected => {
-                let topic = match self.config.confirm {
-                    ConfirmMode::Echo => &self.config.data_topic,
-                    ConfirmMode::Ingest => &self.config.ack_topic,
+                // Echo mode also hears the ingest acks (its bound on what
+                // lives only in the broker) and the presence announcements,
+                // subscribed before anything is published, so that the
+                // retained announcements arrive before the first echo.
+                let topics = match self.config.confirm {
+                    ConfirmMode::Echo => {
+                        vec![&self.config.presence_filter, &self.config.ack_topic, &self.config.data_topic]
+                    }
+                    ConfirmMode::Ingest => vec![&self.config.ack_topic],
                 };
-                if let Err(error) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-                    tracing::error!(%error, "cannot queue the subscription");
+                for topic in topics {
+                    if let Err(error) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                        tracing::error!(%error, "cannot queue the subscription");
+                    }
                 }
-                self.window.clear();
-                self.shared.metrics.inflight_batches.set(0);
-                self.cursor = 0;
-                let until = self.shared.committed_high();
-                self.state = ConnState::Replaying { until };
-                tracing::info!(outbox_rows = self.shared.outbox_size().0, until, "connected; replaying the outbox");
+                // The retained announcements arrive again on this connection.
+                self.present.clear();
+                self.shared.metrics.ingest_present.set(0);
+                self.replay_from_start();
+                tracing::info!(outbox_rows = self.shared.outbox_size().0, "connected; replaying the outbox");
             }
             MqttEvent::Disconnected => {
                 if self.state != ConnState::Offline {
@@ -214,27 +242,112 @@ impl Publisher {
                 self.state = ConnState::Offline;
             }
             MqttEvent::Message { topic, payload } => {
-                if topic == self.config.data_topic && self.config.confirm == ConfirmMode::Echo {
+                let presence_prefix = self.config.presence_filter.trim_end_matches('+');
+                if let Some(server) = topic.strip_prefix(presence_prefix) {
+                    self.on_presence(server, payload.is_empty());
+                } else if topic == self.config.data_topic && self.config.confirm == ConfirmMode::Echo {
                     match Batch::decode_header(&payload, self.config.max_packet_bytes) {
                         Ok((client_id, range)) if client_id == self.config.client_id => {
                             if self.echo_matches(range, &payload) {
-                                self.confirm(range, Confirmation::Confirmed);
+                                if self.ingest_announced() {
+                                    self.confirm(range, Confirmation::Confirmed);
+                                } else {
+                                    self.hold(range);
+                                }
                             }
                         }
                         Ok((client_id, _)) => tracing::warn!(%client_id, "batch of another client on our topic"),
                         Err(error) => tracing::warn!(%error, "undecodable message on our own topic"),
                     }
-                } else if topic == self.config.ack_topic && self.config.confirm == ConfirmMode::Ingest {
+                } else if topic == self.config.ack_topic {
                     match IngestAck::decode(&payload, self.config.max_packet_bytes) {
-                        Ok(ack) => {
+                        Ok(ack) if self.config.confirm == ConfirmMode::Ingest => {
                             ack.ranges.into_iter().for_each(|r| self.confirm(r, Confirmation::Confirmed));
                             ack.rejected.into_iter().for_each(|r| self.confirm(r, Confirmation::Rejected));
                         }
+                        Ok(ack) => self.echo_acked(&ack),
                         Err(error) => tracing::warn!(%error, "undecodable ingest ack"),
                     }
                 }
             }
         }
+    }
+
+    /// Clears the window and replays the whole outbox on this connection.
+    fn replay_from_start(&mut self) {
+        self.window.clear();
+        self.shared.metrics.inflight_batches.set(0);
+        self.shared.metrics.echo_held_batches.set(0);
+        self.cursor = 0;
+        self.state = ConnState::Replaying { until: self.shared.committed_high() };
+    }
+
+    /// Whether an echo may delete: some ingest server announces a durable
+    /// subscription (or the agent was told not to wait for one).
+    fn ingest_announced(&self) -> bool {
+        !self.config.wait_for_ingest || !self.present.is_empty()
+    }
+
+    /// A presence announcement of `server` set or cleared. When the first
+    /// server appears while batches are held, the outbox is replayed: those
+    /// batches may have been routed to no durable subscriber.
+    fn on_presence(&mut self, server: &str, cleared: bool) {
+        let before = !self.present.is_empty();
+        if cleared {
+            self.present.remove(server);
+        } else {
+            self.present.insert(server.to_owned());
+        }
+        let now = !self.present.is_empty();
+        self.shared.metrics.ingest_present.set(i64::from(now));
+        if now && !before {
+            self.absence_logged = false;
+            let held = self.window.held();
+            tracing::info!(%server, held, "an ingest server announces a durable subscription; echoes delete again");
+            if held > 0 && self.state != ConnState::Offline {
+                self.replay_from_start();
+                tracing::info!(held, "publishing the held batches again (they may have reached no durable subscriber)");
+            }
+        } else if before && !now && self.config.wait_for_ingest && self.config.confirm == ConfirmMode::Echo {
+            tracing::warn!(%server, "no ingest server announces a durable subscription any more; echoed batches stay in the outbox until one does");
+            self.absence_logged = true;
+        }
+    }
+
+    /// An echo while no ingest server is announced: the batch stays in the
+    /// outbox and in the window (not republished on timeout), until a server
+    /// appears and the outbox is replayed.
+    fn hold(&mut self, range: SeqRange) {
+        if self.window.hold(range.first_seq, range.last_seq) {
+            self.shared.metrics.echo_held_batches.set(self.window.held() as i64);
+            if !self.absence_logged {
+                self.absence_logged = true;
+                tracing::warn!(
+                    "no ingest server announces a durable subscription on this prefix: echoed batches stay in \
+                     the outbox (the broker may have routed them to nobody) until one does"
+                );
+            }
+        }
+    }
+
+    /// Echo mode: an ingest ack shrinks what lives only in the broker.
+    fn echo_acked(&mut self, ack: &IngestAck) {
+        for (range, rejected) in ack.ranges.iter().map(|r| (r, false)).chain(ack.rejected.iter().map(|r| (r, true))) {
+            if range.epoch != self.config.epoch {
+                continue;
+            }
+            let readings = self.ahead.acked(range.first_seq, range.last_seq);
+            if rejected && readings > 0 {
+                self.shared.metrics.readings_rejected_by_ingest.inc_by(readings);
+                tracing::warn!(
+                    first_seq = range.first_seq,
+                    last_seq = range.last_seq,
+                    readings,
+                    "the ingest server rejected these echoed readings for good (see its ingest_errors)"
+                );
+            }
+        }
+        self.shared.metrics.echo_ahead_readings.set(self.ahead.readings() as i64);
     }
 
     /// Whether an echo is, byte for byte, the batch this agent published as
@@ -302,14 +415,30 @@ impl Publisher {
             }
         }
         self.shared.metrics.inflight_batches.set(self.window.len() as i64);
+        let echo = self.config.confirm == ConfirmMode::Echo;
+        let now = Instant::now();
         for (first, batch) in retired {
+            if echo {
+                self.ahead.echoed(first, batch.last_seq, batch.readings, batch.payload.len() as u64, now);
+            }
             let _ = self.deletes.send((first, batch.last_seq));
         }
+        self.shared.metrics.echo_ahead_readings.set(self.ahead.readings() as i64);
     }
 
     async fn on_tick(&mut self) {
         if self.pg_retry_at.is_some_and(|t| Instant::now() >= t) {
             self.pg_retry_at = None;
+        }
+        let expired = self.ahead.expire(Instant::now(), self.config.ahead_timeout);
+        if expired > 0 {
+            self.shared.metrics.echo_ahead_expired_readings.inc_by(expired);
+            self.shared.metrics.echo_ahead_readings.set(self.ahead.readings() as i64);
+            tracing::warn!(
+                readings = expired,
+                "echoed readings got no ingest ack in time (no ingest server storing, or the broker lost them); \
+                 they no longer count against echo_ahead_max"
+            );
         }
         if self.state != ConnState::Offline {
             let now = Instant::now();
@@ -376,7 +505,7 @@ impl Publisher {
         if self.state == ConnState::Offline {
             return;
         }
-        while self.window.has_room() {
+        while self.window.has_room() && self.ahead.has_room() {
             let Some((first_seq, readings)) = self.next_batch().await else {
                 if let ConnState::Replaying { .. } = self.state {
                     if self.pg_retry_at.is_none() {
@@ -408,7 +537,8 @@ impl Publisher {
                     tracing::info!(cursor = last_seq, "replay done; live");
                 }
             }
-            self.window.insert(first_seq, Inflight { last_seq, readings: n, payload, sent_at, attempts: 1 });
+            self.window
+                .insert(first_seq, Inflight { last_seq, readings: n, payload, sent_at, attempts: 1, held: false });
             self.shared.metrics.inflight_batches.set(self.window.len() as i64);
             self.cursor = last_seq;
         }

@@ -25,6 +25,9 @@ pub struct Inflight {
     pub sent_at: Instant,
     /// Publications so far.
     pub attempts: u32,
+    /// Echoed while no ingest server was announced: not republished on
+    /// timeout (the broker has it), published again when one is announced.
+    pub held: bool,
 }
 
 /// Batches in flight, keyed by first seq.
@@ -77,10 +80,33 @@ impl Window {
         self.batches.get(&first).filter(|b| b.last_seq == last)
     }
 
-    /// First seqs of batches unconfirmed for longer than `timeout`.
+    /// First seqs of batches unconfirmed for longer than `timeout` (held
+    /// batches excepted: see [`Inflight::held`]).
     #[must_use]
     pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<u64> {
-        self.batches.iter().filter(|(_, b)| now.duration_since(b.sent_at) >= timeout).map(|(&k, _)| k).collect()
+        self.batches
+            .iter()
+            .filter(|(_, b)| !b.held && now.duration_since(b.sent_at) >= timeout)
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
+    /// Marks the batch published as exactly `first..=last` held; `true` if
+    /// it was in flight and not held yet.
+    pub fn hold(&mut self, first: u64, last: u64) -> bool {
+        match self.batches.get_mut(&first).filter(|b| b.last_seq == last && !b.held) {
+            Some(batch) => {
+                batch.held = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Held batches.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.batches.values().filter(|b| b.held).count()
     }
 
     /// The batch starting at `first_seq`, to republish it.
@@ -116,7 +142,7 @@ mod tests {
     use super::*;
 
     fn batch(last_seq: u64) -> Inflight {
-        Inflight { last_seq, readings: 1, payload: Vec::new(), sent_at: Instant::now(), attempts: 1 }
+        Inflight { last_seq, readings: 1, payload: Vec::new(), sent_at: Instant::now(), attempts: 1, held: false }
     }
 
     #[test]
@@ -151,6 +177,21 @@ mod tests {
         assert!(w.exact(21, 30).is_none(), "never published");
         let _ = w.confirm(11, 20);
         assert!(w.exact(11, 20).is_none(), "already confirmed");
+    }
+
+    #[test]
+    fn a_held_batch_is_never_overdue_and_still_confirmable() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(w.hold(11, 20));
+        assert!(!w.hold(11, 20), "already held");
+        assert!(!w.hold(11, 19), "not a batch");
+        assert_eq!(w.held(), 1);
+        assert_eq!(w.overdue(later, Duration::from_secs(5)), vec![1]);
+        assert_eq!(w.confirm(11, 20).len(), 1);
+        assert_eq!(w.held(), 0);
     }
 
     #[test]

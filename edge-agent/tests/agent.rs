@@ -260,6 +260,9 @@ async fn agent_killed_with_sigkill_resumes_from_the_outbox() {
             .env("EDGE_AGENT_LISTEN", format!("tcp://127.0.0.1:{port}"))
             .env("EDGE_AGENT_HTTP_LISTEN", "")
             .env("EDGE_AGENT_MQTT_CLIENT_ID", &mqtt_id)
+            // The agent alone (see common::agent_config).
+            .env("EDGE_AGENT_ECHO_WAIT_FOR_INGEST", "false")
+            .env("EDGE_AGENT_ECHO_AHEAD_MAX_READINGS", "0")
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
             .spawn()
@@ -440,5 +443,89 @@ async fn metrics_and_healthz_are_served_over_http() {
     let health = http_get(http, "/healthz").await;
     assert!(health.contains("\"status\":\"ok\""), "{health}");
     assert!(http_get(http, "/nope").await.starts_with("HTTP/1.1 404"));
+    agent.shutdown().await;
+}
+
+/// Issue 12: in echo mode the readings echoed but not yet acked by an ingest
+/// server live only in the broker; `echo_ahead_max_readings` bounds them.
+/// A fake ingest server announces itself but acks nothing: the agent stops
+/// publishing at the bound and its outbox keeps the rest; acks release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_ahead_bound_keeps_the_backlog_in_the_outbox_until_ingest_acks() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let mut config = agent_config(&pg, stack.mqtt_port, &prefix);
+    config.echo_wait_for_ingest = true;
+    config.echo_ahead_max_readings = 2000;
+    config.batch_max_readings = 500;
+
+    // The fake ingest server: a retained presence announcement, and every
+    // batch's range recorded for acking later.
+    let mut options = rumqttc::MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, u64, u64)>::new()));
+    let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (seen, subscribed) = (seen.clone(), subscribed.clone());
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                        if let Ok((_, r)) = telemetry_wire::Batch::decode_header(&p.payload, 1 << 20) {
+                            seen.lock().unwrap().push((r.epoch, r.first_seq, r.last_seq));
+                        }
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                        subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let presence = format!("{prefix}/ingest/fake");
+    client.publish(&presence, rumqttc::QoS::AtLeastOnce, true, "{\"durable\":true}").await.unwrap();
+    client.subscribe(format!("{prefix}/client/dev-1"), rumqttc::QoS::AtLeastOnce).await.unwrap();
+    eventually(Duration::from_secs(10), "fake ingest subscribed", || {
+        subscribed.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let m = agent.shared.metrics.clone();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 10_000, Rate::Max, "a"));
+    assert_eq!(emu.await.unwrap().acked, 10_000, "sensors are acked: the outbox holds what is not published");
+    eventually(Duration::from_secs(10), "the bound reached", || m.echo_ahead_readings.get() >= 2000).await;
+    assert_eq!(m.ingest_present.get(), 1);
+    // An absence check: at the bound, nothing more is published.
+    let published = m.readings_published.get();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(m.readings_published.get(), published, "publishing stopped at the bound");
+    let ahead = m.echo_ahead_readings.get() as u64;
+    assert!(ahead <= 2000 + 64 * 500, "echoed-unacked readings within the bound (plus the window): {ahead}");
+    assert_eq!(agent.shared.outbox_size().0, 10_000 - ahead, "the rest waits in the durable outbox");
+
+    // Ingest acks release the bound, batch by batch, until everything went.
+    let topic = format!("{prefix}/ack/dev-1");
+    let mut acked = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agent.shared.outbox_size().0 > 0 || m.echo_ahead_readings.get() > 0 {
+        assert!(std::time::Instant::now() < deadline, "not drained by ingest acks");
+        let ranges: Vec<_> = seen.lock().unwrap()[acked..]
+            .iter()
+            .map(|&(epoch, first_seq, last_seq)| telemetry_wire::SeqRange { epoch, first_seq, last_seq })
+            .collect();
+        acked += ranges.len();
+        if !ranges.is_empty() {
+            let ack = telemetry_wire::IngestAck::stored(ranges);
+            client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack.encode()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(m.readings_published.get() >= 10_000);
+    assert_eq!(m.echo_ahead_expired_readings.get(), 0);
+    client.publish(&presence, rumqttc::QoS::AtLeastOnce, true, Vec::new()).await.unwrap(); // clear the retained announcement
     agent.shutdown().await;
 }

@@ -218,10 +218,13 @@ async fn serve(
     let (client, eventloop) = subscriber::connect(config)?;
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
     let generation = subscriber::Generation::default();
+    let presence = subscriber::Presence::of(config, &topics);
+    let presence_topic = presence.topic.clone();
     let poll = tracker.spawn(subscriber::poll(
         eventloop,
         subscriber::PollContext {
             client: client.clone(),
+            presence,
             filters: topics.filters(config.shared_group()),
             tx: inbound_tx,
             forward_stop: shutdown.clone(),
@@ -248,7 +251,12 @@ async fn serve(
     // The batcher flushed and dropped its sender: the acker finishes the
     // in-flight jobs (or sees them abandoned at the hard stop).
     let _ = acker.await;
-    // Every PUBACK and ack is queued; DISCONNECT goes out after them.
+    // This server no longer takes batches: clear its announcement (echo-mode
+    // agents then keep their rows until a server announces itself), then
+    // DISCONNECT, after every queued PUBACK and ack.
+    if let Err(error) = client.try_publish(presence_topic, rumqttc::QoS::AtLeastOnce, true, Vec::new()) {
+        tracing::warn!(%error, "cannot queue the presence withdrawal");
+    }
     if let Err(error) = client.try_disconnect() {
         tracing::warn!(%error, "cannot queue MQTT disconnect");
     }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -127,6 +127,14 @@ impl Topics {
         }
     }
 
+    /// Where this server announces its durable subscription (retained;
+    /// empty when it is gone): `<prefix>/ingest/<server>`, one topic per
+    /// server so that a peer's will or shutdown clears only its own.
+    #[must_use]
+    pub fn presence(&self, server: &str) -> String {
+        format!("{}/ingest/{server}", self.prefix)
+    }
+
     /// Where the ingest ack for `client_id` goes.
     #[must_use]
     pub fn ack(&self, client_id: &str) -> String {
@@ -179,7 +187,16 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), telemetry_li
         // (found by tests/hostile.rs). Received, it is dead-lettered as
         // `oversize` by the batcher like any other bad payload.
         .set_max_packet_size(MQTT_MAX_PACKET_BYTES, config.max_payload_bytes + 1024)
-        .set_inflight(1024);
+        .set_inflight(1024)
+        // Gone without a DISCONNECT (crash, network): the broker clears this
+        // server's presence announcement, so echo-mode agents stop deleting
+        // on echo until a server announces itself again.
+        .set_last_will(LastWill::new(
+            Topics::new(&config.topic_prefix).presence(&config.mqtt_client_id),
+            Vec::new(),
+            QoS::AtLeastOnce,
+            true,
+        ));
     if !config.mqtt_username.is_empty() {
         options.set_credentials(&config.mqtt_username, config.mqtt_password.expose());
     }
@@ -211,13 +228,43 @@ pub struct PollContext {
     pub metrics: Arc<Metrics>,
     /// The connection generation, shared with the acker.
     pub generation: Generation,
+    /// This server's presence topic and announcement, published retained
+    /// once the broker accepted the subscriptions (see [`Presence`]).
+    pub presence: Presence,
+}
+
+/// The retained announcement that a durable (persistent-session)
+/// subscription to the batches exists. An echo-mode agent deletes a batch on
+/// its echo only while some server's announcement is present: a batch the
+/// broker routed to no durable subscriber is gone, though its echo arrives.
+/// Cleared by the server at shutdown and by its last will when it vanishes.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// `<prefix>/ingest/<mqtt_client_id>`.
+    pub topic: String,
+    /// A small JSON object naming the server, its group and its filter.
+    pub payload: Vec<u8>,
+}
+
+impl Presence {
+    /// The announcement of the server configured by `config`.
+    #[must_use]
+    pub fn of(config: &Config, topics: &Topics) -> Self {
+        let payload = serde_json::json!({
+            "server": config.mqtt_client_id,
+            "shared_group": config.shared_group(),
+            "batches": topics.filters(config.shared_group())[0].0,
+            "durable": true,
+        });
+        Self { topic: topics.presence(&config.mqtt_client_id), payload: payload.to_string().into_bytes() }
+    }
 }
 
 /// Polls the event loop until `hard_stop`, or until the client's
 /// DISCONNECT has been written. Forwards publishes and connection events to
 /// `tx` until `forward_stop`; reconnects with exponential backoff.
 pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
-    let PollContext { client, filters, tx, forward_stop, hard_stop, metrics, generation } = ctx;
+    let PollContext { client, filters, tx, forward_stop, hard_stop, metrics, generation, presence } = ctx;
     let mut ever_connected = false;
     let mut connected_generation = 0;
     let mut reconnect = telemetry_link::Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -274,6 +321,13 @@ pub async fn poll(mut eventloop: EventLoop, ctx: PollContext) {
                     tracing::error!(codes = ?ack.return_codes, "broker refused a subscription");
                 } else {
                     metrics.subscribed.set(1);
+                    if !forward_stop.is_cancelled() {
+                        if let Err(error) =
+                            client.try_publish(&presence.topic, QoS::AtLeastOnce, true, presence.payload.clone())
+                        {
+                            tracing::error!(%error, "cannot queue the presence announcement");
+                        }
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {

@@ -164,3 +164,59 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
     server.stop().await;
     let _ = std::fs::remove_file(&dump);
 }
+
+/// Issue 12: an echo-mode agent that runs before any ingest server has
+/// subscribed (a first deployment, a new prefix, an expired ingest session)
+/// sees its batches echoed although the broker routed them to no durable
+/// subscriber. It must keep them until a server announces its subscription,
+/// then publish them again: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_mode_agent_started_before_any_ingest_server_loses_nothing() {
+    let Some(world) = World::new() else { return };
+    let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
+    let agent_config = edge_agent::Config {
+        client_id: "early-1".into(),
+        mqtt_client_id: test_support::unique_name("agent"),
+        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+        postgres_url: test_support::fresh_pg_database(&stack).await,
+        mqtt_port: world.stack.mqtt_port,
+        topic_prefix: world.prefix.clone(),
+        http_listen: String::new(),
+        confirm: ConfirmMode::Echo,
+        ..edge_agent::Config::default()
+    };
+    let agent = Agent::start(agent_config, CancellationToken::new()).await.expect("agent starts");
+    let m = agent.shared.metrics.clone();
+    send(&agent, 5000, harness::BASE_TS).await;
+    harness::wait_for("every batch echoed and held", Duration::from_secs(30), || {
+        m.readings_published.get() >= 5000
+            && m.echo_held_batches.get() > 0
+            && m.inflight_batches.get() == m.echo_held_batches.get()
+    })
+    .await;
+    assert_eq!(agent.shared.outbox_size().0, 5000, "echoes with no ingest server announced delete nothing");
+    assert_eq!(m.ingest_present.get(), 0);
+    assert_eq!(m.readings_echoed.get(), 0);
+
+    // The first ingest server: its subscription is new, so the batches
+    // published so far are not in its session; the agent publishes them again.
+    let server_config = world.config();
+    let server = harness::Server::start(server_config.clone()).await;
+    world.wait_stored(5000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained", Duration::from_secs(30), || agent.shared.outbox_size().0 == 0).await;
+    assert_eq!(m.ingest_present.get(), 1);
+    assert_eq!(m.echo_held_batches.get(), 0);
+
+    // A graceful stop withdraws the announcement: echoes are held again.
+    server.stop().await;
+    harness::wait_for("presence withdrawn", Duration::from_secs(10), || m.ingest_present.get() == 0).await;
+    send(&agent, 1000, harness::BASE_TS + 10_000_000).await;
+    harness::wait_for("held again", Duration::from_secs(30), || m.echo_held_batches.get() > 0).await;
+    assert_eq!(agent.shared.outbox_size().0, 1000);
+    let server = harness::Server::start(server_config).await; // the same server, restarted
+    world.wait_stored(6000, Duration::from_secs(60)).await;
+    harness::wait_for("outbox drained again", Duration::from_secs(30), || agent.shared.outbox_size().0 == 0).await;
+    world.assert_rollup_exact().await;
+    agent.shutdown().await;
+    server.stop().await;
+}

@@ -41,6 +41,12 @@ pub fn agent_config(pg_url: &str, mqtt_port: u16, prefix: &str) -> Config {
         status_interval_secs: 1,
         confirm_timeout_ms: 2000,
         shutdown_timeout_secs: 5,
+        // These tests judge the agent alone, with no ingest server on the
+        // broker: echoes delete without a presence announcement and without
+        // ingest acks. The tests of those two rules set them back.
+        echo_wait_for_ingest: false,
+        echo_ahead_max_readings: 0,
+        echo_ahead_max_bytes: 0,
         ..Config::default()
     }
 }
