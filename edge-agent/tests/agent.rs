@@ -311,50 +311,26 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
 
     // Play the ingest server: see every batch the agent publishes (its
     // exact ranges), and send acks.
-    let mut options = rumqttc::MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
-    let published = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<u64, u64>::new()));
-    let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (published, subscribed) = (published.clone(), subscribed.clone());
-        tokio::spawn(async move {
-            while let Ok(event) = eventloop.poll().await {
-                match event {
-                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                        if let Ok((_, range)) = telemetry_wire::Batch::decode_header(&p.payload, 1 << 20) {
-                            published.lock().unwrap().insert(range.first_seq, range.last_seq);
-                        }
-                    }
-                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
-                        subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-    client.subscribe(format!("{prefix}/client/dev-1"), rumqttc::QoS::AtLeastOnce).await.unwrap();
-    eventually(Duration::from_secs(10), "fake ingest subscribed", || {
-        subscribed.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await;
+    let fake = FakeIngest::start(&stack, &prefix).await;
 
     let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
     let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "i"));
     assert_eq!(emu.await.unwrap().acked, 3000);
-    eventually(Duration::from_secs(10), "every batch seen", || published.lock().unwrap().values().max() == Some(&3000))
-        .await;
+    eventually(Duration::from_secs(10), "every batch seen", || {
+        fake.seen.lock().unwrap().iter().map(|r| r.last_seq).max() == Some(3000)
+    })
+    .await;
     // An absence check: the echoes arrive within this second and must delete nothing.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(agent.shared.outbox_size().0, 3000, "echoes do not delete in ingest mode");
-    let batches: Vec<(u64, u64)> = published.lock().unwrap().iter().map(|(&f, &l)| (f, l)).collect();
+    let mut batches: Vec<(u64, u64)> = fake.seen.lock().unwrap().iter().map(|r| (r.first_seq, r.last_seq)).collect();
+    batches.sort_unstable();
+    batches.dedup();
     assert!(batches.len() >= 6, "batches of at most 500 readings: {batches:?}");
     let size = |(f, l): (u64, u64)| l - f + 1;
 
     let range = |epoch, (first_seq, last_seq)| telemetry_wire::SeqRange { epoch, first_seq, last_seq };
     let ack = |r: (u64, u64)| telemetry_wire::IngestAck::stored(vec![range(agent.epoch, r)]);
-    let topic = format!("{prefix}/ack/dev-1");
     let rejected_total = || {
         family_total(
             &agent.shared.metrics.confirmations_rejected,
@@ -364,7 +340,7 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
     let mut left = 3000;
 
     // An exact batch from the middle: exactly its rows go.
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack(batches[2]).encode()).await.unwrap();
+    fake.ack(&ack(batches[2])).await;
     left -= size(batches[2]);
     eventually(Duration::from_secs(10), "middle batch deleted", || agent.shared.outbox_size().0 == left).await;
 
@@ -378,19 +354,19 @@ async fn ingest_mode_keeps_rows_until_the_ingest_ack_names_them() {
         ack(batches[2]),
     ];
     for a in forged {
-        client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, a.encode()).await.unwrap();
+        fake.ack(&a).await;
     }
     eventually(Duration::from_secs(10), "forged acks counted", || rejected_total() == before + 3).await;
     assert_eq!(agent.shared.outbox_size().0, left, "no forged or stale ack deleted anything");
 
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack((f0, l0)).encode()).await.unwrap();
+    fake.ack(&ack((f0, l0))).await;
     left -= size(batches[0]);
     eventually(Duration::from_secs(10), "first batch deleted", || agent.shared.outbox_size().0 == left).await;
     // Rejected for good by the server (dead-lettered there): deleted too,
     // and counted apart from the stored ones.
     let acked_before = agent.shared.metrics.readings_ingest_acked.get();
     let rejected = telemetry_wire::IngestAck { ranges: vec![], rejected: vec![range(agent.epoch, batches[3])] };
-    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, rejected.encode()).await.unwrap();
+    fake.ack(&rejected).await;
     left -= size(batches[3]);
     eventually(Duration::from_secs(10), "rejected batch deleted", || agent.shared.outbox_size().0 == left).await;
     assert_eq!(agent.shared.metrics.readings_ingest_acked.get(), acked_before, "a rejection is not a confirmation");
@@ -462,36 +438,8 @@ async fn echo_ahead_bound_keeps_the_backlog_in_the_outbox_until_ingest_acks() {
 
     // The fake ingest server: a retained presence announcement, and every
     // batch's range recorded for acking later.
-    let mut options = rumqttc::MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, u64, u64)>::new()));
-    let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (seen, subscribed) = (seen.clone(), subscribed.clone());
-        tokio::spawn(async move {
-            while let Ok(event) = eventloop.poll().await {
-                match event {
-                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                        if let Ok((_, r)) = telemetry_wire::Batch::decode_header(&p.payload, 1 << 20) {
-                            seen.lock().unwrap().push((r.epoch, r.first_seq, r.last_seq));
-                        }
-                    }
-                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
-                        subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-    let presence = format!("{prefix}/ingest/fake");
-    client.publish(&presence, rumqttc::QoS::AtLeastOnce, true, "{\"durable\":true}").await.unwrap();
-    client.subscribe(format!("{prefix}/client/dev-1"), rumqttc::QoS::AtLeastOnce).await.unwrap();
-    eventually(Duration::from_secs(10), "fake ingest subscribed", || {
-        subscribed.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await;
+    let fake = FakeIngest::start(&stack, &prefix).await;
+    fake.announce(Some("{\"durable\":true}")).await;
 
     let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
     let m = agent.shared.metrics.clone();
@@ -508,24 +456,19 @@ async fn echo_ahead_bound_keeps_the_backlog_in_the_outbox_until_ingest_acks() {
     assert_eq!(agent.shared.outbox_size().0, 10_000 - ahead, "the rest waits in the durable outbox");
 
     // Ingest acks release the bound, batch by batch, until everything went.
-    let topic = format!("{prefix}/ack/dev-1");
     let mut acked = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while agent.shared.outbox_size().0 > 0 || m.echo_ahead_readings.get() > 0 {
         assert!(std::time::Instant::now() < deadline, "not drained by ingest acks");
-        let ranges: Vec<_> = seen.lock().unwrap()[acked..]
-            .iter()
-            .map(|&(epoch, first_seq, last_seq)| telemetry_wire::SeqRange { epoch, first_seq, last_seq })
-            .collect();
+        let ranges: Vec<_> = fake.seen.lock().unwrap()[acked..].to_vec();
         acked += ranges.len();
         if !ranges.is_empty() {
-            let ack = telemetry_wire::IngestAck::stored(ranges);
-            client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, ack.encode()).await.unwrap();
+            fake.ack(&telemetry_wire::IngestAck::stored(ranges)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(m.readings_published.get() >= 10_000);
     assert_eq!(m.echo_ahead_expired_readings.get(), 0);
-    client.publish(&presence, rumqttc::QoS::AtLeastOnce, true, Vec::new()).await.unwrap(); // clear the retained announcement
+    fake.announce(None).await; // clear the retained announcement
     agent.shutdown().await;
 }

@@ -177,3 +177,61 @@ pub fn stack_or_skip(needs: &[test_support::Service]) -> Option<Stack> {
     init_tracing();
     test_support::stack(needs)
 }
+
+/// Plays the ingest server for an agent `dev-1` under `prefix`: sees every
+/// batch the agent publishes (its exact range, in arrival order) and sends
+/// acks and presence announcements.
+pub struct FakeIngest {
+    /// Its MQTT client.
+    pub client: AsyncClient,
+    /// The ranges of the batches seen, in arrival order.
+    pub seen: Arc<Mutex<Vec<telemetry_wire::SeqRange>>>,
+    prefix: String,
+}
+
+impl FakeIngest {
+    /// Connects, subscribes to the agent's data topic and waits for the SUBACK.
+    pub async fn start(stack: &Stack, prefix: &str) -> Self {
+        let mut options = MqttOptions::new(test_support::unique_name("fake-ingest"), "127.0.0.1", stack.mqtt_port);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (seen, subscribed) = (seen.clone(), subscribed.clone());
+            tokio::spawn(async move {
+                while let Ok(event) = eventloop.poll().await {
+                    match event {
+                        Event::Incoming(Packet::Publish(p)) => {
+                            if let Ok((_, range)) = Batch::decode_header(&p.payload, 1 << 20) {
+                                seen.lock().unwrap().push(range);
+                            }
+                        }
+                        Event::Incoming(Packet::SubAck(_)) => {
+                            subscribed.store(true, std::sync::atomic::Ordering::SeqCst)
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+        client.subscribe(format!("{prefix}/client/dev-1"), QoS::AtLeastOnce).await.unwrap();
+        eventually(Duration::from_secs(10), "fake ingest subscribed", || {
+            subscribed.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        Self { client, seen, prefix: prefix.to_owned() }
+    }
+
+    /// Sends `ack` to the agent.
+    pub async fn ack(&self, ack: &telemetry_wire::IngestAck) {
+        self.client.publish(format!("{}/ack/dev-1", self.prefix), QoS::AtLeastOnce, false, ack.encode()).await.unwrap();
+    }
+
+    /// Sets (or, with `None`, clears) a retained presence announcement.
+    pub async fn announce(&self, payload: Option<&str>) {
+        let payload = payload.map(|p| p.as_bytes().to_vec()).unwrap_or_default();
+        let topic = format!("{}/ingest/fake", self.prefix);
+        self.client.publish(topic, QoS::AtLeastOnce, true, payload).await.unwrap();
+    }
+}
