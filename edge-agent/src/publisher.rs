@@ -482,6 +482,7 @@ impl Publisher {
                 0.0
             })
         };
+        let echo = self.config.confirm == ConfirmMode::Echo;
         let status = AgentStatus {
             version: telemetry_wire::status::STATUS_VERSION,
             client_id: self.config.client_id.clone(),
@@ -492,6 +493,9 @@ impl Publisher {
             received_per_s: (received - self.last_received) as f64 / elapsed,
             confirmed_per_s: (confirmed.saturating_sub(self.last_confirmed)) as f64 / elapsed,
             connected: self.state != ConnState::Offline,
+            ingest_present: echo.then_some(!self.present.is_empty()),
+            echo_held_batches: echo.then(|| self.window.held() as u64),
+            echo_ahead_readings: echo.then_some(self.ahead.readings()),
         };
         self.last_received = received;
         self.last_confirmed = confirmed;

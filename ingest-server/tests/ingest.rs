@@ -150,6 +150,9 @@ async fn agent_status_messages_are_stored() {
         received_per_s: 100.0,
         confirmed_per_s: 99.0,
         connected: true,
+        ingest_present: None,
+        echo_held_batches: None,
+        echo_ahead_readings: None,
     };
     let json = String::from_utf8(status.encode()).expect("json is utf-8");
     harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-m", &json]);

@@ -29,6 +29,19 @@ pub struct AgentStatus {
     pub confirmed_per_s: f64,
     /// Whether the agent is connected to the broker.
     pub connected: bool,
+    /// Echo mode only: whether an ingest server announces a durable
+    /// subscription (echoes delete only then). Absent in ingest mode and
+    /// from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_present: Option<bool>,
+    /// Echo mode only: batches echoed while no ingest server was announced,
+    /// kept in the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_held_batches: Option<u64>,
+    /// Echo mode only: readings echoed and not yet acked by an ingest server
+    /// (held only by the broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_ahead_readings: Option<u64>,
 }
 
 impl AgentStatus {
@@ -46,5 +59,32 @@ impl AgentStatus {
     /// Malformed JSON or missing fields.
     pub fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentStatus;
+
+    const OLD: &str = r#"{"version":1,"client_id":"dev-1","ts":1700000000000000,"outbox_rows":1200,
+        "outbox_bytes":48000,"oldest_age_s":0.8,"received_per_s":1000.0,"confirmed_per_s":998.0,"connected":true}"#;
+
+    #[test]
+    fn a_status_without_the_echo_fields_decodes_and_encodes_unchanged() {
+        let status = AgentStatus::decode(OLD.as_bytes()).expect("decodes");
+        assert_eq!((status.ingest_present, status.echo_held_batches, status.echo_ahead_readings), (None, None, None));
+        let text = String::from_utf8(status.encode()).expect("utf-8");
+        assert!(!text.contains("ingest_present") && !text.contains("echo_"), "{text}");
+    }
+
+    #[test]
+    fn the_echo_fields_round_trip() {
+        let mut status = AgentStatus::decode(OLD.as_bytes()).expect("decodes");
+        status.ingest_present = Some(false);
+        status.echo_held_batches = Some(3);
+        status.echo_ahead_readings = Some(6000);
+        let text = String::from_utf8(status.encode()).expect("utf-8");
+        assert!(text.contains(r#""ingest_present":false"#), "{text}");
+        assert_eq!(AgentStatus::decode(text.as_bytes()).expect("decodes"), status);
     }
 }
