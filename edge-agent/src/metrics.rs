@@ -80,6 +80,9 @@ pub struct Metrics {
     pub echo_ahead_readings: Gauge,
     /// Echoed readings that got no ingest ack within `echo_ahead_timeout_secs`.
     pub echo_ahead_expired_readings: Counter,
+    /// Reads of rows back from the outbox by the publisher (replay after a
+    /// (re)connect, or rows it skipped while behind); never an idle poll.
+    pub outbox_reads: Counter,
     /// Rows in the outbox.
     pub outbox_rows: Gauge,
     /// Bytes of reading data in the outbox.
@@ -124,6 +127,7 @@ impl Default for Metrics {
             echo_held_batches: Gauge::default(),
             echo_ahead_readings: Gauge::default(),
             echo_ahead_expired_readings: Counter::default(),
+            outbox_reads: Counter::default(),
             outbox_rows: Gauge::default(),
             outbox_bytes: Gauge::default(),
             connections: Gauge::default(),
@@ -182,6 +186,7 @@ impl Metrics {
             "Echoed readings never acked by an ingest server within the timeout",
             m.echo_ahead_expired_readings,
         );
+        r.register("outbox_reads", "Reads of rows back from the outbox (replay, catch-up)", m.outbox_reads);
         r.register("outbox_rows", "Rows in the outbox", m.outbox_rows);
         r.register("outbox_bytes", "Bytes of reading data in the outbox", m.outbox_bytes);
         r.register("connections", "Open sensor connections", m.connections);

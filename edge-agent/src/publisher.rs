@@ -558,14 +558,25 @@ impl Publisher {
                 return self.take_from_memory();
             }
             // Nothing committed above the cursor: no query needed.
-            if self.pg_retry_at.is_some() || self.shared.committed_high() <= self.cursor {
+            let high = self.shared.committed_high();
+            if self.pg_retry_at.is_some() || high <= self.cursor {
                 return None;
             }
+            self.shared.metrics.outbox_reads.inc();
             match self.outbox.load(self.cursor, self.config.batch_max_readings).await {
                 Ok(rows) if rows.is_empty() => {
-                    // Nothing in the outbox above the cursor before memory.
-                    let front = self.memory.front()?.first_seq;
-                    self.cursor = front - 1;
+                    // Nothing in the outbox above the cursor: every row up to
+                    // `high` (committed before the query) is confirmed and
+                    // gone, so the cursor moves there and the next call needs
+                    // no query until something new is committed (no polling
+                    // of an empty outbox after a reconnect).
+                    match self.memory.front() {
+                        Some(block) => self.cursor = block.first_seq - 1,
+                        None => {
+                            self.cursor = high;
+                            return None;
+                        }
+                    }
                 }
                 Ok(rows) => {
                     let first = rows[0].0;
