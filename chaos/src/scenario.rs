@@ -56,6 +56,13 @@ pub enum Fault {
     /// of other clients to `ingested_ranges`; start it again: it loads them
     /// all (start-up time and RSS reported) and dedups the stream exactly.
     RestartWithHistory,
+    /// Echo mode: the agent and its sensors run before any ingest server
+    /// exists (the broker routes their batches to nobody but the agent's own
+    /// echo); then one starts, with a new persistent session.
+    AgentBeforeIngest,
+    /// A `pg_dump` of the outbox taken at the fault is restored under the
+    /// running agent a little later: its `next_seq` goes back.
+    OutboxRollback,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -69,7 +76,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -85,6 +92,8 @@ impl Fault {
         Self::OversizeFlood,
         Self::BadClockDevice,
         Self::RestartWithHistory,
+        Self::AgentBeforeIngest,
+        Self::OutboxRollback,
     ];
 
     /// The scenario's name (as on the command line).
@@ -106,6 +115,8 @@ impl Fault {
             Self::OversizeFlood => "oversize-flood",
             Self::BadClockDevice => "bad-clock-device",
             Self::RestartWithHistory => "restart-with-history",
+            Self::AgentBeforeIngest => "agent-before-ingest",
+            Self::OutboxRollback => "outbox-rollback",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -162,6 +173,15 @@ impl Fault {
                  the healthy one; ClickHouse refuses those older than {BAD_REFUSED_DAYS} days (a `throwIf` column \
                  on 18.16); watched for {outage} s"
             ),
+            Self::AgentBeforeIngest => format!(
+                "agent (echo mode) and sensors run {} s before any ingest server exists; then one starts (a new \
+                 persistent session)",
+                form.fault_at.as_secs() + outage
+            ),
+            Self::OutboxRollback => format!(
+                "`pg_dump` of the outbox at the fault, restored under the running agent {gap} s later (`psql \
+                 --single-transaction`, dump made with `--clean`)"
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -194,9 +214,11 @@ impl Fault {
     fn expected_duration(self, form: &Form) -> Duration {
         match self {
             Self::KillAgent => Duration::from_secs(1),
-            Self::KillIngest | Self::SharedGroupKill | Self::EndToEndKillIngest | Self::RestartWithHistory => {
-                form.kill_gap
-            }
+            Self::KillIngest
+            | Self::SharedGroupKill
+            | Self::EndToEndKillIngest
+            | Self::RestartWithHistory
+            | Self::OutboxRollback => form.kill_gap,
             Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
                 form.restart_pause + Duration::from_secs(1)
             }
@@ -204,7 +226,8 @@ impl Fault {
             | Self::ClickhouseDown
             | Self::QuotaReached
             | Self::QuotaDropOldest
-            | Self::SkewedClocks => form.outage,
+            | Self::SkewedClocks
+            | Self::AgentBeforeIngest => form.outage,
             Self::ClickhouseStall => form.stall(),
             Self::OversizeFlood => Duration::from_secs(2),
             Self::BadClockDevice => form.outage,
@@ -501,6 +524,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let mut skews = Vec::new();
     let mut ingests = Vec::new();
     let mut ingest_ids = Vec::new();
+    // agent-before-ingest: the server is started by the fault, not here.
+    let mut deferred = None;
     for n in 1..=ingest_count {
         let http = format!("127.0.0.1:{}", test_support::free_port());
         let id = test_support::unique_name(&format!("chaos_ingest{n}"));
@@ -533,6 +558,11 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                 .env("LD_PRELOAD", lib.display())
                 .env("FAKETIME", format!("+{SKEW_SECS}"))
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", 1);
+        }
+        if fault == Fault::AgentBeforeIngest {
+            deferred = Some((spec, http));
+            ingest_ids.push(id);
+            continue;
         }
         let daemon = Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?;
         if skewed {
@@ -670,6 +700,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let mut stall_reported = None;
     let mut flood_base_rss = None;
     let mut healthy_gap = None;
+    let mut fault_error: Option<String> = None;
     match fault {
         Fault::KillAgent => {
             agent.kill().await;
@@ -740,6 +771,44 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                 "restart with {HISTORY_RANGES} stored ranges: subscribed after {:.1} s, peak RSS {rss} MiB",
                 startup.as_secs_f64()
             ));
+        }
+        Fault::AgentBeforeIngest => {
+            tokio::time::sleep(form.outage).await;
+            let held = agent.metric("telemetry_agent_echo_held_batches").await.unwrap_or(0.0);
+            let rows = agent.metric("telemetry_agent_outbox_rows").await.unwrap_or(0.0);
+            notes.push(format!("before any ingest server: {held} echoed batches held, outbox {rows} rows"));
+            if held == 0.0 {
+                fault_error = Some("no echoed batch was held: the scenario did not exercise its fault".to_owned());
+            }
+            let (spec, http) = deferred.take().context("the deferred ingest server")?;
+            ingests.push(Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?);
+        }
+        Fault::OutboxRollback => {
+            let dump = dir.join("outbox.sql");
+            let (url, path) = (pg_url.clone(), dump.display().to_string());
+            blocking(move || pg_tool("pg_dump", &url, &["-n", "edge_agent", "--clean", "--if-exists", "-f", &path]))
+                .await??;
+            tokio::time::sleep(form.kill_gap).await;
+            let (url, path) = (pg_url.clone(), dump.display().to_string());
+            blocking(move || {
+                pg_tool("psql", &url, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", &path])
+            })
+            .await??;
+            // The agent sees it at its next commit (sensors keep sending).
+            let seen_by = Instant::now() + Duration::from_secs(10);
+            let mut rollbacks = 0.0;
+            while rollbacks == 0.0 && Instant::now() < seen_by {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                rollbacks = agent.metric("telemetry_agent_outbox_rollbacks_total").await.unwrap_or(0.0);
+            }
+            notes.push(format!(
+                "outbox restored from a {} s old dump; the agent saw {rollbacks} rollback(s)",
+                form.kill_gap.as_secs()
+            ));
+            if rollbacks == 0.0 {
+                fault_error =
+                    Some("the agent never saw the rollback: the scenario did not exercise its fault".to_owned());
+            }
         }
         Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill => {
             let victim = &mut ingests[0];
@@ -889,7 +958,12 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     notes.push(format!("emulators resent {resent}"));
     notes.push(format!("agent replayed {}", agent_counter("telemetry_agent_readings_replayed_total").await));
     notes.push(format!("republished {} batches", agent_counter("telemetry_agent_batches_republished_total").await));
-    let mut error = None;
+    let mut error = fault_error;
+    if recovery.is_none() && matches!(fault, Fault::OutboxRollback | Fault::AgentBeforeIngest) {
+        // These faults are about the agent recovering by itself: rows left
+        // in its outbox would need a human (a restart) to go.
+        error = error.or_else(|| Some("the agent's outbox did not drain by itself".to_owned()));
+    }
     if matches!(fault, Fault::QuotaReached | Fault::QuotaDropOldest) {
         let held = agent_counter("telemetry_agent_quota_backpressure_total").await;
         let dropped = agent_counter("telemetry_agent_rows_dropped_total").await;
@@ -1069,6 +1143,20 @@ fn start_emulator(
 /// Starts a stopped private instance again; returns when its port first
 /// accepted a connection (the start command itself waits for more, e.g. a
 /// query answered, and polls more slowly).
+/// Runs `pg_dump` or `psql` against the outbox database.
+fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(tool)
+        .arg("-d")
+        .arg(url)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {tool} (Debian package postgresql-client)"))?;
+    if !out.status.success() {
+        bail!("{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 async fn restart_private(p: Arc<PrivateService>) -> Result<Instant> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], p.port));
     let mut restart = tokio::task::spawn_blocking(move || p.restart());

@@ -263,20 +263,32 @@ async fn commit(
 /// restored backup, a failover to a lagging replica). Reusing those seqs
 /// would make new readings look like duplicates to the ingest server, which
 /// would ack them unstored; so the table is moved forward to `ours` and the
-/// agent goes on from there. Counted and logged; the caller retries its
-/// insert (a failed move is seen again by it).
+/// agent goes on from there. Rows that reappeared with the old state are
+/// recounted and published again (the publisher replays the whole outbox);
+/// those already stored are duplicates by identity. Counted and logged; the
+/// caller retries its insert (a failed move is seen again by it).
 async fn rolled_back(outbox: &mut Outbox, found: u64, ours: u64, shared: &Shared) {
     shared.metrics.outbox_rollbacks.inc();
     tracing::error!(
         table_next_seq = found,
         agent_next_seq = ours,
         "the outbox was rolled back under the agent (restored backup or lagging replica?): moving next_seq \
-         forward, no seq is reused; rows that reappeared are published again at the next reconnect or start"
+         forward, no seq is reused; rows that reappeared are published again"
     );
-    if let Err(error) = outbox.advance_next_seq(found, ours).await {
-        shared.metrics.postgres_errors.inc();
-        outbox.reset();
-        tracing::warn!(%error, "moving next_seq forward failed; retrying");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = async {
+        outbox.advance_next_seq(found, ours).await?;
+        outbox.size().await
+    };
+    match moved.await {
+        Ok((rows, bytes)) => {
+            shared.init_rows(rows, bytes);
+            shared.request_rescan();
+        }
+        Err(error) => {
+            shared.metrics.postgres_errors.inc();
+            outbox.reset();
+            tracing::warn!(%error, "moving next_seq forward failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }

@@ -202,6 +202,17 @@ impl Outbox {
                 &[&epoch],
             )
             .await?;
+        let (rows, bytes) = self.size().await?;
+        Ok(OutboxState { epoch: meta.get::<_, i64>(0) as u64, next_seq: meta.get::<_, i64>(1) as u64, rows, bytes })
+    }
+
+    /// (rows, bytes of reading data) in the outbox, counted.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn size(&mut self) -> Result<(u64, u64), OutboxError> {
+        let s = self.schema.clone();
+        let (client, _) = self.client().await?;
         let rows = client
             .query_one(
                 &format!("SELECT count(*)::int8, coalesce(sum(octet_length(sensor)), 0)::int8 FROM {s}.outbox"),
@@ -209,12 +220,7 @@ impl Outbox {
             )
             .await?;
         let (count, name_bytes): (i64, i64) = (rows.get(0), rows.get(1));
-        Ok(OutboxState {
-            epoch: meta.get::<_, i64>(0) as u64,
-            next_seq: meta.get::<_, i64>(1) as u64,
-            rows: count as u64,
-            bytes: (name_bytes + 24 * count) as u64,
-        })
+        Ok((count as u64, (name_bytes + 24 * count) as u64))
     }
 
     /// The seq the next insert must start at, as the table says.

@@ -430,6 +430,10 @@ impl Publisher {
         if self.pg_retry_at.is_some_and(|t| Instant::now() >= t) {
             self.pg_retry_at = None;
         }
+        if self.shared.take_rescan() && self.state != ConnState::Offline {
+            tracing::info!("the outbox was rolled back: replaying it whole");
+            self.replay_from_start();
+        }
         let expired = self.ahead.expire(Instant::now(), self.config.ahead_timeout);
         if expired > 0 {
             self.shared.metrics.echo_ahead_expired_readings.inc_by(expired);

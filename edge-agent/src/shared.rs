@@ -1,7 +1,7 @@
 //! State shared by the agent's tasks: metrics, the outbox size (for the
 //! quota and the status message), and the highest committed seq.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -15,6 +15,7 @@ pub struct Shared {
     rows: AtomicU64,
     bytes: AtomicU64,
     committed_high: AtomicU64,
+    rescan: AtomicBool,
     /// Notified whenever rows leave the outbox (quota waiters).
     pub space_freed: Notify,
 }
@@ -72,5 +73,16 @@ impl Shared {
     /// Records the highest committed seq.
     pub fn set_committed_high(&self, seq: u64) {
         self.committed_high.store(seq, Ordering::Relaxed);
+    }
+
+    /// Asks the publisher to replay the whole outbox (rows reappeared: the
+    /// outbox was rolled back under the agent).
+    pub fn request_rescan(&self) {
+        self.rescan.store(true, Ordering::Release);
+    }
+
+    /// Whether a rescan was asked for since the last call.
+    pub fn take_rescan(&self) -> bool {
+        self.rescan.swap(false, Ordering::AcqRel)
     }
 }
