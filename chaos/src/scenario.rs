@@ -63,6 +63,10 @@ pub enum Fault {
     /// A `pg_dump` of the outbox taken at the fault is restored under the
     /// running agent a little later: its `next_seq` goes back.
     OutboxRollback,
+    /// Agent in end-to-end mode; the ingest server is SIGKILLed (the backlog
+    /// waits in the outbox), and mosquitto_pub forges ingest acks of every
+    /// seq of the agent's epoch, and echoes; then the server starts again.
+    ForgedConfirmations,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -76,7 +80,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -94,6 +98,7 @@ impl Fault {
         Self::RestartWithHistory,
         Self::AgentBeforeIngest,
         Self::OutboxRollback,
+        Self::ForgedConfirmations,
     ];
 
     /// The scenario's name (as on the command line).
@@ -117,6 +122,7 @@ impl Fault {
             Self::RestartWithHistory => "restart-with-history",
             Self::AgentBeforeIngest => "agent-before-ingest",
             Self::OutboxRollback => "outbox-rollback",
+            Self::ForgedConfirmations => "forged-confirmations",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -182,6 +188,11 @@ impl Fault {
                 "`pg_dump` of the outbox at the fault, restored under the running agent {gap} s later (`psql \
                  --single-transaction`, dump made with `--clean`)"
             ),
+            Self::ForgedConfirmations => format!(
+                "agent `confirm = ingest`; SIGKILL ingest-server; meanwhile {FORGED} forged ingest acks (seqs \
+                 1..=2^40 of the agent's epoch) and {FORGED} forged echoes (a body the server refuses), with \
+                 mosquitto_pub; the server starts again after {gap} s"
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -193,7 +204,7 @@ impl Fault {
     /// Whether the agent runs with `confirm = ingest`.
     #[must_use]
     pub fn end_to_end(self) -> bool {
-        matches!(self, Self::EndToEndKillIngest | Self::EndToEndKillBroker)
+        matches!(self, Self::EndToEndKillIngest | Self::EndToEndKillBroker | Self::ForgedConfirmations)
     }
 
     fn private_service(self) -> Option<Service> {
@@ -218,7 +229,8 @@ impl Fault {
             | Self::SharedGroupKill
             | Self::EndToEndKillIngest
             | Self::RestartWithHistory
-            | Self::OutboxRollback => form.kill_gap,
+            | Self::OutboxRollback
+            | Self::ForgedConfirmations => form.kill_gap,
             Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
                 form.restart_pause + Duration::from_secs(1)
             }
@@ -440,17 +452,46 @@ fn flood(dir: &std::path::Path, host: &str, port: u16, prefix: &str) -> Result<(
     bytes[0] = 1;
     std::fs::write(&file, bytes).context("write the flood payload")?;
     for i in 0..FLOOD_MESSAGES {
-        let out = std::process::Command::new("mosquitto_pub")
-            .args(["-h", host, "-p", &port.to_string(), "-q", "1"])
-            .args(["-t", &format!("{prefix}/client/flood-{i}"), "-f"])
-            .arg(&file)
-            .output()
-            .context("run mosquitto_pub (Debian package mosquitto-clients)")?;
-        if !out.status.success() {
-            bail!("mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        mosquitto_pub(host, port, &format!("{prefix}/client/flood-{i}"), &file)?;
     }
     Ok(())
+}
+
+/// Publishes the contents of `file` on `topic`, QoS 1, with mosquitto_pub.
+fn mosquitto_pub(host: &str, port: u16, topic: &str, file: &std::path::Path) -> Result<()> {
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", &port.to_string(), "-q", "1", "-t", topic, "-f"])
+        .arg(file)
+        .output()
+        .context("run mosquitto_pub (Debian package mosquitto-clients)")?;
+    if !out.status.success() {
+        bail!("mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// forged-confirmations: forged echoes and forged acks, each.
+const FORGED: u64 = 20;
+
+/// forged-confirmations: the forged messages, written under `dir`: an ingest
+/// ack of seqs 1..=2^40 of the agent's epoch (every row it will ever have),
+/// and an echo with the agent's header (client id, epoch, seqs 1..=2^40)
+/// whose body the ingest server refuses (one reading: dead-lettered, never
+/// stored).
+fn forge(dir: &std::path::Path, client_id: &str, epoch: u64, ts: i64) -> Result<(PathBuf, PathBuf)> {
+    let echo = telemetry_wire::Batch {
+        client_id: client_id.to_owned(),
+        epoch,
+        first_seq: 1,
+        last_seq: 1 << 40,
+        readings: vec![telemetry_wire::Reading::new("forged", ts, 0.0)],
+    };
+    let ack =
+        telemetry_wire::IngestAck::stored(vec![telemetry_wire::SeqRange { epoch, first_seq: 1, last_seq: 1 << 40 }]);
+    let (echo_file, ack_file) = (dir.join("forged-echo.bin"), dir.join("forged-ack.bin"));
+    std::fs::write(&echo_file, echo.encode()).context("write the forged echo")?;
+    std::fs::write(&ack_file, ack.encode()).context("write the forged ack")?;
+    Ok((echo_file, ack_file))
 }
 
 /// clickhouse-stall: the ingest server's MQTT keep-alive, shorter than the
@@ -782,6 +823,43 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             }
             let (spec, http) = deferred.take().context("the deferred ingest server")?;
             ingests.push(Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?);
+        }
+        Fault::ForgedConfirmations => {
+            let epoch: u64 = pg_tool("psql", &pg_url, &["-tA", "-c", "SELECT epoch FROM edge_agent.outbox_meta"])?
+                .trim()
+                .parse::<i64>()
+                .context("the agent's epoch")? as u64;
+            let (echo, ack) = forge(&dir, client_id, epoch, start_ts)?;
+            const REJECTED: &str = "telemetry_agent_confirmations_rejected_total";
+            let before = agent.metric(REJECTED).await.unwrap_or(0.0);
+            // The backlog now waits in the outbox: what a forged ack could delete.
+            ingests[0].kill().await;
+            let (host, port, prefix) = (env.stack.mqtt_host.clone(), mqtt_port, prefix.clone());
+            let client = client_id.to_owned();
+            blocking(move || -> Result<()> {
+                for _ in 0..FORGED {
+                    mosquitto_pub(&host, port, &format!("{prefix}/client/{client}"), &echo)?;
+                    mosquitto_pub(&host, port, &format!("{prefix}/ack/{client}"), &ack)?;
+                }
+                Ok(())
+            })
+            .await??;
+            let counted_by = Instant::now() + Duration::from_secs(10);
+            let mut counted = agent.metric(REJECTED).await.unwrap_or(0.0) - before;
+            while counted < FORGED as f64 && Instant::now() < counted_by {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                counted = agent.metric(REJECTED).await.unwrap_or(0.0) - before;
+            }
+            let rows = agent.metric("telemetry_agent_outbox_rows").await.unwrap_or(0.0);
+            notes.push(format!(
+                "{FORGED} forged acks: {counted} counted as rejected confirmations by the agent, outbox {rows} rows \
+                 kept; {FORGED} forged echoes (ignored in ingest mode; dead-lettered by the server)"
+            ));
+            if counted < FORGED as f64 {
+                fault_error = Some(format!("the agent counted {counted} of {FORGED} forged acks"));
+            }
+            tokio::time::sleep((fault_start + form.kill_gap).saturating_duration_since(Instant::now())).await;
+            ingests[0].restart(START_WITHIN).await?;
         }
         Fault::OutboxRollback => {
             let dump = dir.join("outbox.sql");
@@ -1143,8 +1221,8 @@ fn start_emulator(
 /// Starts a stopped private instance again; returns when its port first
 /// accepted a connection (the start command itself waits for more, e.g. a
 /// query answered, and polls more slowly).
-/// Runs `pg_dump` or `psql` against the outbox database.
-fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<()> {
+/// Runs `pg_dump` or `psql` against the outbox database; its output.
+fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(tool)
         .arg("-d")
         .arg(url)
@@ -1154,7 +1232,7 @@ fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<()> {
     if !out.status.success() {
         bail!("{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn restart_private(p: Arc<PrivateService>) -> Result<Instant> {

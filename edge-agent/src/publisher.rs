@@ -378,8 +378,9 @@ impl Publisher {
         false
     }
 
-    /// A confirmation of `range`: retire the in-flight batches it covers and
-    /// delete exactly their rows, nothing else. A range of another epoch (an
+    /// A confirmation of `range`: retire the in-flight batches it is made of
+    /// (one, or a run of adjacent ones: see [`Window::confirm`]) and delete
+    /// exactly their rows, nothing else. A range of another epoch (an
     /// earlier start: those seqs are republished under this one) or one that
     /// covers no batch in flight (late, duplicate, or forged by someone who
     /// may publish on our topics) deletes nothing: counted and logged. A

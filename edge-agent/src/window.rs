@@ -1,10 +1,11 @@
 //! The in-flight window: batches published and not yet confirmed. Pure
 //! state, no I/O, so its rules are unit-tested without a broker.
 //!
-//! Confirmations name exact seq ranges. A confirmation removes every batch
-//! it fully covers, whatever order batches were published or confirmed in,
-//! and only those batches' rows are deleted (a range that covers no batch in
-//! flight deletes nothing);
+//! Confirmations name exact seq ranges. A confirmation removes the batches
+//! it is made of (one, or several adjacent ones merged), whatever order
+//! batches were published or confirmed in, and only those batches' rows are
+//! deleted (a range that is not exactly such a run of batches in flight
+//! deletes nothing);
 //! a batch only partly covered (re-cut after a restart) stays until it times
 //! out and is published again, which is safe: duplicates are removed by
 //! identity downstream, while a missed batch would be a loss.
@@ -67,10 +68,25 @@ impl Window {
         self.batches.insert(first_seq, batch);
     }
 
-    /// Removes and returns every batch fully inside `first..=last`.
+    /// Removes and returns the batches whose ranges, laid end to end, are
+    /// exactly `first..=last`: one batch in flight, or several adjacent ones
+    /// (the ingest server merges adjacent stored ranges into one). Anything
+    /// else (part of a batch, a gap, seqs not in flight, a range reaching
+    /// beyond them) removes nothing: a confirmation is trusted only when it
+    /// names what this agent published and still waits for.
     pub fn confirm(&mut self, first: u64, last: u64) -> Vec<(u64, Inflight)> {
-        let keys: Vec<u64> =
-            self.batches.range(first..=last).filter(|(_, b)| b.last_seq <= last).map(|(&k, _)| k).collect();
+        let mut next = first;
+        let mut keys = Vec::new();
+        for (&k, b) in self.batches.range(first..=last) {
+            if k != next || b.last_seq > last {
+                return Vec::new();
+            }
+            keys.push(k);
+            next = b.last_seq.saturating_add(1);
+        }
+        if keys.is_empty() || next.checked_sub(1) != Some(last) {
+            return Vec::new();
+        }
         keys.into_iter().filter_map(|k| self.batches.remove(&k).map(|b| (k, b))).collect()
     }
 
@@ -201,8 +217,29 @@ mod tests {
         assert!(w.confirm(1, 5).is_empty());
         assert!(w.confirm(5, 20).is_empty());
         assert_eq!(w.len(), 1);
-        // A wide range (several stored batches merged) covers it.
-        assert_eq!(w.confirm(1, 100).len(), 1);
+    }
+
+    #[test]
+    fn adjacent_batches_merged_into_one_range_are_confirmed_together() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        w.insert(21, batch(30));
+        assert_eq!(w.confirm(1, 20).len(), 2);
+        assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn a_range_wider_than_the_batches_in_flight_confirms_nothing() {
+        let mut w = Window::new(8);
+        w.insert(1, batch(10));
+        w.insert(11, batch(20));
+        w.insert(31, batch(40));
+        assert!(w.confirm(1, 1 << 40).is_empty(), "a forged ack of every seq");
+        assert!(w.confirm(1, 100).is_empty(), "reaches beyond the batches");
+        assert!(w.confirm(0, 20).is_empty(), "starts before them");
+        assert!(w.confirm(11, 40).is_empty(), "a gap (21..=30 is not in flight)");
+        assert_eq!(w.len(), 3);
     }
 
     #[test]
