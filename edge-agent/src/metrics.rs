@@ -83,6 +83,15 @@ pub struct Metrics {
     /// Reads of rows back from the outbox by the publisher (replay after a
     /// (re)connect, or rows it skipped while behind); never an idle poll.
     pub outbox_reads: Counter,
+    /// Age of the oldest outbox row, seconds (0 when empty; updated with
+    /// each status message).
+    pub outbox_oldest_age_seconds: Gauge,
+    /// Seconds until the outbox is empty at its recent net drain rate (0
+    /// when empty, -1 while it is not shrinking; updated with each status).
+    pub outbox_drain_eta_seconds: Gauge,
+    /// Payload bytes of published batches (republished included): over
+    /// `readings_published`, the bytes on the wire per reading.
+    pub bytes_published: Counter,
     /// Rows in the outbox.
     pub outbox_rows: Gauge,
     /// Bytes of reading data in the outbox.
@@ -128,6 +137,9 @@ impl Default for Metrics {
             echo_ahead_readings: Gauge::default(),
             echo_ahead_expired_readings: Counter::default(),
             outbox_reads: Counter::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            outbox_drain_eta_seconds: Gauge::default(),
+            bytes_published: Counter::default(),
             outbox_rows: Gauge::default(),
             outbox_bytes: Gauge::default(),
             connections: Gauge::default(),
@@ -187,6 +199,13 @@ impl Metrics {
             m.echo_ahead_expired_readings,
         );
         r.register("outbox_reads", "Reads of rows back from the outbox (replay, catch-up)", m.outbox_reads);
+        r.register("outbox_oldest_age_seconds", "Age of the oldest outbox row", m.outbox_oldest_age_seconds);
+        r.register(
+            "outbox_drain_eta_seconds",
+            "Seconds until the outbox is empty at its net drain rate (-1: not shrinking)",
+            m.outbox_drain_eta_seconds,
+        );
+        r.register("bytes_published", "Payload bytes of published batches", m.bytes_published);
         r.register("outbox_rows", "Rows in the outbox", m.outbox_rows);
         r.register("outbox_bytes", "Bytes of reading data in the outbox", m.outbox_bytes);
         r.register("connections", "Open sensor connections", m.connections);

@@ -115,6 +115,9 @@ pub struct Publisher {
     ahead: EchoAhead,
     /// Whether the absence of any ingest server was logged since the last presence.
     absence_logged: bool,
+    /// Outbox rows at the last status, and the smoothed net drain rate.
+    last_rows: u64,
+    drain_per_s: f64,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -156,6 +159,8 @@ impl Publisher {
             present: BTreeSet::new(),
             ahead,
             absence_logged: false,
+            last_rows: 0,
+            drain_per_s: 0.0,
         }
     }
 
@@ -458,6 +463,7 @@ impl Publisher {
                     batch.sent_at = now;
                     self.shared.metrics.batches_republished.inc();
                     self.shared.metrics.batches_published.inc();
+                    self.shared.metrics.bytes_published.inc_by(batch.payload.len() as u64);
                     tracing::info!(
                         first_seq = first,
                         last_seq = batch.last_seq,
@@ -488,6 +494,21 @@ impl Publisher {
             })
         };
         let echo = self.config.confirm == ConfirmMode::Echo;
+        // Net rows leaving the outbox per second, smoothed over statuses
+        // (about the last five): the backlog's drain rate and its ETA.
+        let drained = (self.last_rows as f64 - rows as f64) / elapsed;
+        self.drain_per_s = 0.7 * self.drain_per_s + 0.3 * drained;
+        self.last_rows = rows;
+        let drain_eta_s = match rows {
+            0 => Some(0.0),
+            _ if self.drain_per_s > 0.0 => Some(rows as f64 / self.drain_per_s),
+            _ => None,
+        };
+        let m = &self.shared.metrics;
+        m.outbox_oldest_age_seconds.set(oldest_age_s as i64);
+        m.outbox_drain_eta_seconds.set(drain_eta_s.map_or(-1, |s| s.ceil() as i64));
+        let published = m.readings_published.get();
+        let bytes_per_reading = (published > 0).then(|| m.bytes_published.get() as f64 / published as f64);
         let status = AgentStatus {
             version: telemetry_wire::status::STATUS_VERSION,
             client_id: self.config.client_id.clone(),
@@ -498,6 +519,9 @@ impl Publisher {
             received_per_s: (received - self.last_received) as f64 / elapsed,
             confirmed_per_s: (confirmed.saturating_sub(self.last_confirmed)) as f64 / elapsed,
             connected: self.state != ConnState::Offline,
+            drain_per_s: Some(self.drain_per_s),
+            drain_eta_s,
+            bytes_per_reading,
             ingest_present: echo.then_some(!self.present.is_empty()),
             echo_held_batches: echo.then(|| self.window.held() as u64),
             echo_ahead_readings: echo.then_some(self.ahead.readings()),
@@ -538,6 +562,7 @@ impl Publisher {
                 };
             self.shared.metrics.batches_published.inc();
             self.shared.metrics.readings_published.inc_by(n);
+            self.shared.metrics.bytes_published.inc_by(payload.len() as u64);
             if let ConnState::Replaying { until } = self.state {
                 let replayed = until.min(last_seq).saturating_sub(first_seq - 1);
                 self.shared.metrics.readings_replayed.inc_by(replayed);

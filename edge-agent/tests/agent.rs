@@ -502,3 +502,32 @@ async fn an_empty_outbox_is_not_polled_after_a_restart() {
     eventually(Duration::from_secs(10), "drained again", || agent.shared.outbox_size().0 == 0).await;
     agent.shutdown().await;
 }
+
+/// Issue 12: the backlog can be seen: while the broker is down the oldest
+/// reading ages and the drain ETA says "not shrinking" (-1); once it is
+/// back the outbox drains, the ETA reaches 0, and the bytes on the wire per
+/// reading are known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_outlook_is_reported_while_it_grows_and_drains() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let broker = PrivateService::start(Service::Mqtt);
+    broker.stop();
+    let pg = fresh_pg_database(&stack).await;
+    let agent = Agent::start(agent_config(&pg, broker.port, &topic_prefix()), CancellationToken::new()).await.unwrap();
+    let m = agent.shared.metrics.clone();
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 3000, Rate::Max, "o"));
+    assert_eq!(emu.await.unwrap().acked, 3000, "committed while the broker is down");
+    eventually(Duration::from_secs(10), "the oldest reading ages", || m.outbox_oldest_age_seconds.get() >= 1).await;
+    assert_eq!(m.outbox_drain_eta_seconds.get(), -1, "not shrinking while the broker is down");
+    assert_eq!(m.bytes_published.get(), 0);
+
+    broker.restart();
+    eventually(Duration::from_secs(30), "drained", || agent.shared.outbox_size().0 == 0).await;
+    eventually(Duration::from_secs(10), "ETA 0 once empty", || {
+        m.outbox_drain_eta_seconds.get() == 0 && m.outbox_oldest_age_seconds.get() == 0
+    })
+    .await;
+    let per_reading = m.bytes_published.get() as f64 / m.readings_published.get() as f64;
+    assert!((10.0..100.0).contains(&per_reading), "bytes on the wire per reading: {per_reading}");
+    agent.shutdown().await;
+}

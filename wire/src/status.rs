@@ -29,6 +29,18 @@ pub struct AgentStatus {
     pub confirmed_per_s: f64,
     /// Whether the agent is connected to the broker.
     pub connected: bool,
+    /// Net rows per second leaving the outbox lately (negative: growing),
+    /// smoothed. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_per_s: Option<f64>,
+    /// Seconds until the outbox is empty at that rate (0 when empty; absent
+    /// while it is not shrinking, and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_eta_s: Option<f64>,
+    /// Payload bytes on the wire per reading published so far (absent from
+    /// older agents and before the first publish).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_reading: Option<f64>,
     /// Echo mode only: whether an ingest server announces a durable
     /// subscription (echoes delete only then). Absent in ingest mode and
     /// from older agents.
