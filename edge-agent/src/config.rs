@@ -77,6 +77,17 @@ pub enum ConfirmMode {
     Ingest,
 }
 
+/// How batches are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Plain bincode (version 1): every ingest server reads it.
+    None,
+    /// zstd-compressed (version 2), for constrained links; needs an ingest
+    /// server that reads version 2 (this one does).
+    Zstd,
+}
+
 /// What happens when the outbox reaches its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -167,6 +178,9 @@ telemetry_settings::settings! {
     batch_max_readings: usize = 2000, env "EDGE_AGENT_BATCH_MAX_READINGS";
     /// Most payload bytes per published batch.
     batch_max_bytes: usize = 256 << 10, env "EDGE_AGENT_BATCH_MAX_BYTES";
+    /// Batch encoding on the wire: `none` or `zstd` (smaller, for constrained
+    /// links; costs CPU on both ends).
+    compression: Compression = Compression::None, env "EDGE_AGENT_COMPRESSION", arg(value_enum);
     /// Wait up to this many milliseconds for a partial batch to fill (0: publish at once).
     batch_linger_ms: u64 = 20, env "EDGE_AGENT_BATCH_LINGER_MS";
     /// Batches published but not yet confirmed, at most. With `confirm =

@@ -213,6 +213,7 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
             batch_max_readings: config.batch_max_readings,
             batch_max_bytes: config.batch_max_bytes,
             batch_linger: Duration::from_millis(config.batch_linger_ms),
+            compression: config.compression,
             window: config.window,
             confirm_timeout: config.confirm_timeout(),
             status_interval: Duration::from_secs(config.status_interval_secs),

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ahead::EchoAhead;
 use crate::committer::Block;
-use crate::config::ConfirmMode;
+use crate::config::{Compression, ConfirmMode};
 use crate::metrics::Reason;
 use crate::mqtt::MqttEvent;
 use crate::outbox::Outbox;
@@ -79,6 +79,8 @@ pub struct PublisherConfig {
     pub batch_max_bytes: usize,
     /// Wait up to this long for a partial batch to fill before publishing it.
     pub batch_linger: Duration,
+    /// Batch encoding on the wire.
+    pub compression: Compression,
     /// Batches in flight, at most.
     pub window: usize,
     /// Republish after this long unconfirmed.
@@ -118,6 +120,8 @@ pub struct Publisher {
     /// Outbox rows at the last status, and the smoothed net drain rate.
     last_rows: u64,
     drain_per_s: f64,
+    /// The uncompressed body of the batch being compressed (reused).
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -161,6 +165,7 @@ impl Publisher {
             absence_logged: false,
             last_rows: 0,
             drain_per_s: 0.0,
+            scratch: Vec::new(),
         }
     }
 
@@ -551,7 +556,13 @@ impl Publisher {
             let n = readings.len() as u64;
             let last_seq = first_seq + n - 1;
             let mut payload = Vec::new();
-            Batch::encode_parts(&self.config.client_id, self.config.epoch, first_seq, &readings, &mut payload);
+            let (client_id, epoch) = (&self.config.client_id, self.config.epoch);
+            match self.config.compression {
+                Compression::None => Batch::encode_parts(client_id, epoch, first_seq, &readings, &mut payload),
+                Compression::Zstd => {
+                    Batch::encode_parts_zstd(client_id, epoch, first_seq, &readings, &mut self.scratch, &mut payload);
+                }
+            }
             let sent_at =
                 match self.client.try_publish(&self.config.data_topic, QoS::AtLeastOnce, false, payload.clone()) {
                     Ok(()) => Instant::now(),

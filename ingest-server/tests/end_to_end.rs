@@ -220,3 +220,57 @@ async fn an_echo_mode_agent_started_before_any_ingest_server_loses_nothing() {
     agent.shutdown().await;
     server.stop().await;
 }
+
+/// Issue 12: an agent with `compression = "zstd"` (batch version 2) is
+/// stored exactly by the same ingest server that reads version 1, end to
+/// end (its ingest acks and its echoes match compressed batches too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressing_agent_is_stored_exactly_and_sends_fewer_bytes() {
+    let Some(world) = World::new() else { return };
+    let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
+    let server = harness::Server::start(world.config()).await;
+    let mut agents = Vec::new();
+    for (id, compression, confirm) in [
+        ("zstd-ingest", edge_agent::config::Compression::Zstd, ConfirmMode::Ingest),
+        ("zstd-echo", edge_agent::config::Compression::Zstd, ConfirmMode::Echo),
+        ("plain-echo", edge_agent::config::Compression::None, ConfirmMode::Echo),
+    ] {
+        let config = edge_agent::Config {
+            client_id: id.into(),
+            mqtt_client_id: test_support::unique_name("agent"),
+            listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+            postgres_url: test_support::fresh_pg_database(&stack).await,
+            mqtt_port: world.stack.mqtt_port,
+            topic_prefix: world.prefix.clone(),
+            http_listen: String::new(),
+            confirm,
+            compression,
+            ..edge_agent::Config::default()
+        };
+        let agent = Agent::start(config, CancellationToken::new()).await.expect("agent starts");
+        send(&agent, 5000, harness::BASE_TS).await;
+        agents.push(agent);
+    }
+    world.wait_stored(15_000, Duration::from_secs(60)).await;
+    for agent in &agents {
+        harness::wait_for("outbox drained", Duration::from_secs(30), || agent.shared.outbox_size().0 == 0).await;
+    }
+    world.assert_rollup_exact().await;
+    let per_reading =
+        |a: &Agent| a.shared.metrics.bytes_published.get() as f64 / a.shared.metrics.readings_published.get() as f64;
+    let (zstd, plain) = (per_reading(&agents[1]), per_reading(&agents[2]));
+    eprintln!("bytes on the wire per reading: zstd {zstd:.1}, plain {plain:.1}");
+    assert!(zstd < plain / 2.0, "zstd {zstd:.1} vs plain {plain:.1} bytes per reading");
+    assert_eq!(
+        server
+            .metrics
+            .dead_letters
+            .get_or_create(&ingest_server::metrics::ReasonLabel { reason: "bad_compression".into() })
+            .get(),
+        0
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    server.stop().await;
+}

@@ -4,6 +4,11 @@
 //! UTF-8), `epoch` (u64 LE), `first_seq` (u64 LE), `last_seq` (u64 LE),
 //! `readings` (u64 LE count + readings).
 //!
+//! Compressed ([`BATCH_VERSION_ZSTD`], for constrained links): the version
+//! byte, the length of the version-1 body as u64 LE, then one zstd frame of
+//! that body. Readers accept both; the decompressed body is bounded by
+//! [`crate::MAX_PAYLOAD_BYTES`] whatever the frame claims.
+//!
 //! A batch covers the outbox rows `first_seq..=last_seq` with no gaps, so the
 //! reading at index `i` has seq `first_seq + i`. The agent cuts a batch where
 //! the outbox has a gap (a rolled-back insert burns sequence numbers); that
@@ -16,6 +21,10 @@ use crate::{DecodeError, Reading};
 
 /// Version byte of a batch payload.
 pub const BATCH_VERSION: u8 = 1;
+/// Version byte of a zstd-compressed batch payload.
+pub const BATCH_VERSION_ZSTD: u8 = 2;
+/// The zstd level agents compress with: most of the ratio for little CPU.
+pub const ZSTD_LEVEL: i32 = 3;
 /// Longest client id in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
 
@@ -43,6 +52,41 @@ struct BatchRef<'a> {
     first_seq: u64,
     last_seq: u64,
     readings: &'a [Reading],
+}
+
+/// Appends `[BATCH_VERSION_ZSTD][len u64 LE][zstd frame]` of a version-1
+/// `body` (without its version byte) to `dst`.
+fn compress_body(body: &[u8], dst: &mut Vec<u8>) {
+    dst.push(BATCH_VERSION_ZSTD);
+    dst.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    // Invariant: compressing memory into memory only fails on allocation.
+    let frame = zstd::bulk::compress(body, ZSTD_LEVEL).expect("zstd compression of memory");
+    dst.extend_from_slice(&frame);
+}
+
+/// The stated body length and the frame of a compressed body.
+fn compressed_parts(body: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+    let (len, frame) = body.split_first_chunk::<8>().ok_or(DecodeError::Truncated)?;
+    let len = u64::from_le_bytes(*len);
+    match usize::try_from(len) {
+        Ok(len) if len <= crate::MAX_PAYLOAD_BYTES => Ok((len, frame)),
+        _ => Err(DecodeError::Oversize {
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+            max: crate::MAX_PAYLOAD_BYTES,
+        }),
+    }
+}
+
+/// The version-1 body inside a compressed one: exactly its stated length,
+/// never more than [`crate::MAX_PAYLOAD_BYTES`] (a small frame cannot
+/// inflate into a large allocation).
+fn decompress_body(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let (len, frame) = compressed_parts(body)?;
+    let out = zstd::bulk::decompress(frame, len).map_err(|e| DecodeError::Compression(e.to_string()))?;
+    if out.len() != len {
+        return Err(DecodeError::Compression(format!("{} bytes decompressed, {len} stated", out.len())));
+    }
+    Ok(out)
 }
 
 /// Checks that a client id is usable as an MQTT topic level and a database
@@ -74,6 +118,31 @@ impl Batch {
         bincode::encode_into_std_write(batch, dst, crate::bincode_config()).expect("encoding into memory cannot fail");
     }
 
+    /// Encodes a batch from borrowed parts into `dst`, zstd-compressed
+    /// ([`BATCH_VERSION_ZSTD`]); `scratch` holds the uncompressed body
+    /// (reused between calls).
+    pub fn encode_parts_zstd(
+        client_id: &str,
+        epoch: u64,
+        first_seq: u64,
+        readings: &[Reading],
+        scratch: &mut Vec<u8>,
+        dst: &mut Vec<u8>,
+    ) {
+        scratch.clear();
+        Self::encode_parts(client_id, epoch, first_seq, readings, scratch);
+        compress_body(&scratch[1..], dst);
+    }
+
+    /// Encodes this batch zstd-compressed ([`BATCH_VERSION_ZSTD`]).
+    #[must_use]
+    pub fn encode_zstd(&self) -> Vec<u8> {
+        let plain = self.encode();
+        let mut out = Vec::new();
+        compress_body(&plain[1..], &mut out);
+        out
+    }
+
     /// Encodes this batch.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
@@ -91,7 +160,14 @@ impl Batch {
     /// # Errors
     /// Any [`DecodeError`]; the payload must not exceed `max` bytes.
     pub fn decode(payload: &[u8], max: usize) -> Result<Self, DecodeError> {
-        let body = split_version(payload, BATCH_VERSION, max)?;
+        let decompressed;
+        let body = match payload.first() {
+            Some(&BATCH_VERSION_ZSTD) => {
+                decompressed = decompress_body(split_version(payload, BATCH_VERSION_ZSTD, max)?)?;
+                &decompressed[..]
+            }
+            _ => split_version(payload, BATCH_VERSION, max)?,
+        };
         crate::bounds::batch(body)?;
         let batch: Self = decode_exact(body)?;
         batch.validate()?;
@@ -114,9 +190,21 @@ impl Batch {
             first_seq: u64,
             last_seq: u64,
         }
-        let body = split_version(payload, BATCH_VERSION, max)?;
-        crate::bounds::batch_header(body)?;
-        let (h, _): (Header, usize) = bincode::decode_from_slice(body, crate::bincode_config())?;
+        let h: Header = if payload.first() == Some(&BATCH_VERSION_ZSTD) {
+            // Only the header's bytes are decompressed (at most 96).
+            let (_, frame) = compressed_parts(split_version(payload, BATCH_VERSION_ZSTD, max)?)?;
+            let reader =
+                zstd::stream::read::Decoder::new(frame).map_err(|e| DecodeError::Compression(e.to_string()))?;
+            let mut prefix = Vec::with_capacity(8 + MAX_CLIENT_ID_LEN + 24);
+            std::io::Read::read_to_end(&mut std::io::Read::take(reader, prefix.capacity() as u64), &mut prefix)
+                .map_err(|e| DecodeError::Compression(e.to_string()))?;
+            crate::bounds::batch_header(&prefix)?;
+            bincode::decode_from_slice(&prefix, crate::bincode_config())?.0
+        } else {
+            let body = split_version(payload, BATCH_VERSION, max)?;
+            crate::bounds::batch_header(body)?;
+            bincode::decode_from_slice(body, crate::bincode_config())?.0
+        };
         validate_client_id(&h.client_id)?;
         if h.first_seq > h.last_seq {
             return Err(DecodeError::InvalidHeader(format!("seq range {}..={} is inverted", h.first_seq, h.last_seq)));
@@ -184,6 +272,44 @@ mod tests {
         Batch::encode_parts(&b.client_id, b.epoch, b.first_seq, &b.readings, &mut parts);
         assert_eq!(parts, b.encode());
         assert_eq!(Batch::decode(&parts, 1 << 20), Ok(b));
+    }
+
+    #[test]
+    fn a_compressed_batch_decodes_like_the_plain_one_and_is_smaller() {
+        let readings: Vec<Reading> =
+            (0..1000).map(|i| Reading::new("temperature-1", 1_700_000_000_000_000 + i * 100_000, 20.0)).collect();
+        let b = Batch { client_id: "dev-1".into(), epoch: 42, first_seq: 1, last_seq: 1000, readings };
+        let (mut scratch, mut zstd) = (Vec::new(), Vec::new());
+        Batch::encode_parts_zstd(&b.client_id, b.epoch, b.first_seq, &b.readings, &mut scratch, &mut zstd);
+        assert_eq!(zstd, b.encode_zstd());
+        assert_eq!(zstd[0], BATCH_VERSION_ZSTD);
+        assert!(zstd.len() * 5 < b.encode().len(), "{} vs {} bytes", zstd.len(), b.encode().len());
+        assert_eq!(Batch::decode(&zstd, 1 << 20), Ok(b.clone()));
+        assert_eq!(Batch::decode_header(&zstd, 1 << 20), Ok(("dev-1".to_owned(), b.range())));
+    }
+
+    #[test]
+    fn a_corrupt_or_lying_compressed_batch_is_refused_not_inflated() {
+        let b = batch();
+        let good = b.encode_zstd();
+        // Truncated frame.
+        assert!(Batch::decode(&good[..good.len() - 3], 1 << 20).is_err());
+        // A stated length other than the frame's content.
+        let mut lying = good.clone();
+        lying[1..9].copy_from_slice(&5u64.to_le_bytes());
+        assert!(matches!(Batch::decode(&lying, 1 << 20), Err(DecodeError::Compression(_))));
+        // A stated length beyond the payload limit: refused before decompressing.
+        let mut huge = good.clone();
+        huge[1..9].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(matches!(Batch::decode(&huge, 1 << 20), Err(DecodeError::Oversize { .. })));
+        // A bomb: 16 MiB + 1 of zeros in a small frame, stated honestly.
+        let mut bomb = vec![BATCH_VERSION_ZSTD];
+        let body = vec![0u8; crate::MAX_PAYLOAD_BYTES + 1];
+        bomb.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bomb.extend_from_slice(&zstd::bulk::compress(&body, 3).unwrap());
+        assert!(bomb.len() < 4096);
+        assert!(matches!(Batch::decode(&bomb, 1 << 20), Err(DecodeError::Oversize { .. })));
+        assert!(Batch::decode_header(&[BATCH_VERSION_ZSTD, 1, 2], 1 << 20).is_err());
     }
 
     #[test]

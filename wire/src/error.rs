@@ -46,6 +46,10 @@ pub enum DecodeError {
         /// What is wrong with it.
         source: ReadingError,
     },
+    /// A compressed batch body does not decompress to its stated length
+    /// (corrupt, or larger than [`crate::MAX_PAYLOAD_BYTES`]).
+    #[error("bad compressed body: {0}")]
+    Compression(String),
     /// A batch or ack header is inconsistent (range, counts, client id).
     #[error("invalid header: {0}")]
     InvalidHeader(String),
@@ -64,6 +68,7 @@ impl DecodeError {
             Self::Malformed(_) => "malformed",
             Self::InvalidReading { .. } => "invalid_reading",
             Self::InvalidHeader(_) => "invalid_header",
+            Self::Compression(_) => "bad_compression",
         }
     }
 }
