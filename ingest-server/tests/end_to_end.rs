@@ -14,6 +14,22 @@ use emulators::SensorKind;
 use harness::{Binary, World};
 use tokio_util::sync::CancellationToken;
 
+/// An agent of `client_id` on `world`'s broker and prefix, its outbox in
+/// `pg`, confirming by `confirm`.
+fn agent_config(world: &World, pg: &str, client_id: &str, confirm: ConfirmMode) -> edge_agent::Config {
+    edge_agent::Config {
+        client_id: client_id.into(),
+        mqtt_client_id: test_support::unique_name("agent"),
+        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+        postgres_url: pg.to_owned(),
+        mqtt_port: world.stack.mqtt_port,
+        topic_prefix: world.prefix.clone(),
+        http_listen: String::new(),
+        confirm,
+        ..edge_agent::Config::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_between_receive_and_insert_loses_nothing_end_to_end() {
     let Some(world) = World::new() else { return };
@@ -25,18 +41,8 @@ async fn ingest_killed_between_receive_and_insert_loses_nothing_end_to_end() {
     ingest_config.batch_max_delay_ms = 1500;
     let ingest = Binary::start(&ingest_config).await;
 
-    let agent_config = edge_agent::Config {
-        client_id: "e2e-1".into(),
-        mqtt_client_id: test_support::unique_name("agent"),
-        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
-        postgres_url: pg.clone(),
-        mqtt_port: world.stack.mqtt_port,
-        topic_prefix: world.prefix.clone(),
-        http_listen: String::new(),
-        confirm: ConfirmMode::Ingest,
-        confirm_timeout_ms: 10_000,
-        ..edge_agent::Config::default()
-    };
+    let agent_config =
+        edge_agent::Config { confirm_timeout_ms: 10_000, ..agent_config(&world, &pg, "e2e-1", ConfirmMode::Ingest) };
     let agent = Agent::start(agent_config, CancellationToken::new()).await.expect("agent starts");
     let ListenAddr::Tcp(addr) = agent.listen_addrs[0].clone() else { unreachable!() };
 
@@ -114,17 +120,7 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
     let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
     let pg = test_support::fresh_pg_database(&stack).await;
     let server = harness::Server::start(world.config()).await;
-    let agent_config = edge_agent::Config {
-        client_id: "rollback-1".into(),
-        mqtt_client_id: test_support::unique_name("agent"),
-        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
-        postgres_url: pg.clone(),
-        mqtt_port: world.stack.mqtt_port,
-        topic_prefix: world.prefix.clone(),
-        http_listen: String::new(),
-        confirm: ConfirmMode::Ingest,
-        ..edge_agent::Config::default()
-    };
+    let agent_config = agent_config(&world, &pg, "rollback-1", ConfirmMode::Ingest);
     let drained = |agent: &Agent| agent.shared.outbox_size().0 == 0;
     let dump = std::env::temp_dir().join(format!("{}.sql", test_support::unique_name("outbox")));
     let dump_path = dump.to_str().expect("utf-8 path");
@@ -174,17 +170,8 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
 async fn an_echo_mode_agent_started_before_any_ingest_server_loses_nothing() {
     let Some(world) = World::new() else { return };
     let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
-    let agent_config = edge_agent::Config {
-        client_id: "early-1".into(),
-        mqtt_client_id: test_support::unique_name("agent"),
-        listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
-        postgres_url: test_support::fresh_pg_database(&stack).await,
-        mqtt_port: world.stack.mqtt_port,
-        topic_prefix: world.prefix.clone(),
-        http_listen: String::new(),
-        confirm: ConfirmMode::Echo,
-        ..edge_agent::Config::default()
-    };
+    let agent_config =
+        agent_config(&world, &test_support::fresh_pg_database(&stack).await, "early-1", ConfirmMode::Echo);
     let agent = Agent::start(agent_config, CancellationToken::new()).await.expect("agent starts");
     let m = agent.shared.metrics.clone();
     send(&agent, 5000, harness::BASE_TS).await;
@@ -236,16 +223,8 @@ async fn a_compressing_agent_is_stored_exactly_and_sends_fewer_bytes() {
         ("plain-echo", edge_agent::config::Compression::None, ConfirmMode::Echo),
     ] {
         let config = edge_agent::Config {
-            client_id: id.into(),
-            mqtt_client_id: test_support::unique_name("agent"),
-            listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
-            postgres_url: test_support::fresh_pg_database(&stack).await,
-            mqtt_port: world.stack.mqtt_port,
-            topic_prefix: world.prefix.clone(),
-            http_listen: String::new(),
-            confirm,
             compression,
-            ..edge_agent::Config::default()
+            ..agent_config(&world, &test_support::fresh_pg_database(&stack).await, id, confirm)
         };
         let agent = Agent::start(config, CancellationToken::new()).await.expect("agent starts");
         send(&agent, 5000, harness::BASE_TS).await;
