@@ -63,6 +63,11 @@ pub enum Fault {
     /// A `pg_dump` of the outbox taken at the fault is restored under the
     /// running agent a little later: its `next_seq` goes back.
     OutboxRollback,
+    /// Echo mode with a small `echo_ahead_max_readings`; ClickHouse is
+    /// SIGKILLed for the outage while the ingest server stays connected (and
+    /// announced): what lives only in the broker stays within the bound, the
+    /// outbox takes the rest.
+    EchoAheadBound,
     /// Agent in end-to-end mode; the ingest server is SIGKILLed (the backlog
     /// waits in the outbox), and mosquitto_pub forges ingest acks of every
     /// seq of the agent's epoch, and echoes; then the server starts again.
@@ -80,7 +85,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -99,6 +104,7 @@ impl Fault {
         Self::AgentBeforeIngest,
         Self::OutboxRollback,
         Self::ForgedConfirmations,
+        Self::EchoAheadBound,
     ];
 
     /// The scenario's name (as on the command line).
@@ -123,6 +129,7 @@ impl Fault {
             Self::AgentBeforeIngest => "agent-before-ingest",
             Self::OutboxRollback => "outbox-rollback",
             Self::ForgedConfirmations => "forged-confirmations",
+            Self::EchoAheadBound => "echo-ahead-bound",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -193,6 +200,10 @@ impl Fault {
                  1..=2^40 of the agent's epoch) and {FORGED} forged echoes (a body the server refuses), with \
                  mosquitto_pub; the server starts again after {gap} s"
             ),
+            Self::EchoAheadBound => format!(
+                "echo mode, `echo_ahead_max_readings` {ECHO_AHEAD_MAX}, `window` {ECHO_AHEAD_WINDOW}; SIGKILL \
+                 ClickHouse, keep it down {outage} s (the ingest server stays connected and announced)"
+            ),
             Self::KillBroker => format!("echo mode; SIGKILL Mosquitto, start it again after {pause} s"),
             Self::QuotaDropOldest => format!(
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
@@ -215,7 +226,7 @@ impl Fault {
             | Self::QuotaDropOldest
             | Self::EndToEndKillBroker
             | Self::KillBroker => Some(Service::Mqtt),
-            Self::ClickhouseDown | Self::ClickhouseStall => Some(Service::ClickHouse),
+            Self::ClickhouseDown | Self::ClickhouseStall | Self::EchoAheadBound => Some(Service::ClickHouse),
             Self::PostgresRestart => Some(Service::Postgres),
             _ => None,
         }
@@ -236,6 +247,7 @@ impl Fault {
             }
             Self::BrokerDown
             | Self::ClickhouseDown
+            | Self::EchoAheadBound
             | Self::QuotaReached
             | Self::QuotaDropOldest
             | Self::SkewedClocks
@@ -470,6 +482,11 @@ fn mosquitto_pub(host: &str, port: u16, topic: &str, file: &std::path::Path) -> 
     Ok(())
 }
 
+/// echo-ahead-bound: the agent's `echo_ahead_max_readings` and `window`
+/// (small, so that the bound plus the batches in flight is a tight check).
+const ECHO_AHEAD_MAX: u64 = 5000;
+const ECHO_AHEAD_WINDOW: u64 = 4;
+
 /// forged-confirmations: forged echoes and forged acks, each.
 const FORGED: u64 = 20;
 
@@ -654,6 +671,9 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         .env("RUST_LOG", "info");
     if matches!(fault, Fault::QuotaReached | Fault::QuotaDropOldest) {
         agent_spec = agent_spec.flag("quota-rows", form.quota_rows);
+    }
+    if fault == Fault::EchoAheadBound {
+        agent_spec = agent_spec.flag("echo-ahead-max-readings", ECHO_AHEAD_MAX).flag("window", ECHO_AHEAD_WINDOW);
     }
     if fault == Fault::QuotaDropOldest {
         agent_spec = agent_spec.flag("quota-policy", "drop-oldest");
@@ -909,6 +929,31 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             tokio::time::sleep(form.restart_pause).await;
             answering_at = Some(restart_private(private.clone().context("private service")?).await?);
         }
+        Fault::EchoAheadBound => {
+            let p = private.clone().context("private service")?;
+            blocking(move || p.kill()).await?;
+            let (mut ahead_max, mut rows_max) = (0.0_f64, 0.0_f64);
+            while fault_start.elapsed() < form.outage {
+                ahead_max = ahead_max.max(agent.metric("telemetry_agent_echo_ahead_readings").await.unwrap_or(0.0));
+                rows_max = rows_max.max(agent.metric("telemetry_agent_outbox_rows").await.unwrap_or(0.0));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+            // The bound is checked before each publish; batches already in
+            // flight may still be echoed: at most the window of them.
+            let limit = (ECHO_AHEAD_MAX + ECHO_AHEAD_WINDOW * 2000) as f64;
+            notes.push(format!(
+                "ClickHouse down {} s: readings only in the broker peaked at {ahead_max} (bound {ECHO_AHEAD_MAX}, \
+                 plus at most {ECHO_AHEAD_WINDOW} batches in flight), the outbox at {rows_max} rows",
+                form.outage.as_secs()
+            ));
+            if ahead_max > limit {
+                fault_error = Some(format!("{ahead_max} readings only in the broker, above {limit}"));
+            } else if ahead_max < ECHO_AHEAD_MAX as f64 || rows_max <= ahead_max {
+                fault_error =
+                    Some("the bound was not reached, or the outbox did not take the rest: fault not exercised".into());
+            }
+        }
         Fault::BrokerDown | Fault::ClickhouseDown | Fault::QuotaReached | Fault::QuotaDropOldest => {
             let p = private.clone().context("private service")?;
             if fault == Fault::ClickhouseDown {
@@ -1037,7 +1082,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     notes.push(format!("agent replayed {}", agent_counter("telemetry_agent_readings_replayed_total").await));
     notes.push(format!("republished {} batches", agent_counter("telemetry_agent_batches_republished_total").await));
     let mut error = fault_error;
-    if recovery.is_none() && matches!(fault, Fault::OutboxRollback | Fault::AgentBeforeIngest) {
+    if recovery.is_none() && matches!(fault, Fault::OutboxRollback | Fault::AgentBeforeIngest | Fault::EchoAheadBound) {
         // These faults are about the agent recovering by itself: rows left
         // in its outbox would need a human (a restart) to go.
         error = error.or_else(|| Some("the agent's outbox did not drain by itself".to_owned()));
