@@ -88,6 +88,17 @@ pub enum Compression {
     Zstd,
 }
 
+/// In what order the outbox is published again after a (re)connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayOrder {
+    /// The backlog first, oldest row first, then live readings.
+    OldestFirst,
+    /// Live readings as they come, the backlog behind them (oldest first)
+    /// whenever the window has room: dashboards see the present at once.
+    LiveFirst,
+}
+
 /// What happens when the outbox reaches its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -208,6 +219,13 @@ telemetry_settings::settings! {
     /// counting against the bound (counted and logged: the broker may have
     /// lost them).
     echo_ahead_timeout_secs: u64 = 600, env "EDGE_AGENT_ECHO_AHEAD_TIMEOUT_SECS";
+    /// After a (re)connect: `oldest_first` (the backlog, then live
+    /// readings) or `live_first` (live readings at once, the backlog behind).
+    replay_order: ReplayOrder = ReplayOrder::OldestFirst, env "EDGE_AGENT_REPLAY_ORDER", arg(value_enum);
+    /// Most backlog readings replayed per second after a (re)connect (0: no
+    /// limit), so that a long outage's backlog does not swamp the link or
+    /// the centre; live readings are not limited.
+    replay_max_rate: u64 = 0, env "EDGE_AGENT_REPLAY_MAX_RATE";
     /// Publish a batch again when unconfirmed after this many milliseconds.
     confirm_timeout_ms: u64 = 5000, env "EDGE_AGENT_CONFIRM_TIMEOUT_MS";
     /// Outbox quota in rows.

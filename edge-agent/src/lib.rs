@@ -214,6 +214,8 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
             batch_max_bytes: config.batch_max_bytes,
             batch_linger: Duration::from_millis(config.batch_linger_ms),
             compression: config.compression,
+            replay_order: config.replay_order,
+            replay_max_rate: config.replay_max_rate,
             window: config.window,
             confirm_timeout: config.confirm_timeout(),
             status_interval: Duration::from_secs(config.status_interval_secs),

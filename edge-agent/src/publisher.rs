@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ahead::EchoAhead;
 use crate::committer::Block;
-use crate::config::{Compression, ConfirmMode};
+use crate::config::{Compression, ConfirmMode, ReplayOrder};
 use crate::metrics::Reason;
 use crate::mqtt::MqttEvent;
 use crate::outbox::Outbox;
 use crate::shared::Shared;
-use crate::window::{cut, Inflight, Window};
+use crate::window::{cut, Inflight, Pace, Window};
 
 /// Where the publisher is in its connection life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +81,10 @@ pub struct PublisherConfig {
     pub batch_linger: Duration,
     /// Batch encoding on the wire.
     pub compression: Compression,
+    /// Backlog first, or live readings first, after a (re)connect.
+    pub replay_order: ReplayOrder,
+    /// Backlog readings replayed per second, at most (0: no limit).
+    pub replay_max_rate: u64,
     /// Batches in flight, at most.
     pub window: usize,
     /// Republish after this long unconfirmed.
@@ -122,6 +126,13 @@ pub struct Publisher {
     drain_per_s: f64,
     /// The uncompressed body of the batch being compressed (reused).
     scratch: Vec<u8>,
+    /// `live_first`: the backlog behind the live readings, `(cursor, until)`:
+    /// rows above `cursor` up to `until` are still to be replayed.
+    backlog: Option<(u64, u64)>,
+    /// The pace of the backlog replay.
+    pace: Pace,
+    /// `live_first`: whether the backlog has the next turn for the window.
+    backlog_turn: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -166,6 +177,9 @@ impl Publisher {
             last_rows: 0,
             drain_per_s: 0.0,
             scratch: Vec::new(),
+            backlog: None,
+            pace: Pace::new(0, Instant::now()),
+            backlog_turn: false,
         }
     }
 
@@ -283,13 +297,27 @@ impl Publisher {
         }
     }
 
-    /// Clears the window and replays the whole outbox on this connection.
+    /// Clears the window and replays the whole outbox on this connection:
+    /// oldest first (the cursor from the start), or live first (the cursor
+    /// at the committed high; the backlog below it goes behind, paced).
     fn replay_from_start(&mut self) {
         self.window.clear();
         self.shared.metrics.inflight_batches.set(0);
         self.shared.metrics.echo_held_batches.set(0);
-        self.cursor = 0;
-        self.state = ConnState::Replaying { until: self.shared.committed_high() };
+        self.pace = Pace::new(self.config.replay_max_rate, Instant::now());
+        let until = self.shared.committed_high();
+        match self.config.replay_order {
+            ReplayOrder::OldestFirst => {
+                self.cursor = 0;
+                self.backlog = None;
+                self.state = ConnState::Replaying { until };
+            }
+            ReplayOrder::LiveFirst => {
+                self.cursor = until;
+                self.backlog = (until > 0).then_some((0, until));
+                self.state = ConnState::Live;
+            }
+        }
     }
 
     /// Whether an echo may delete: some ingest server announces a durable
@@ -544,15 +572,32 @@ impl Publisher {
             return;
         }
         while self.window.has_room() && self.ahead.has_room() {
-            let Some((first_seq, readings)) = self.next_batch().await else {
-                if let ConnState::Replaying { .. } = self.state {
-                    if self.pg_retry_at.is_none() {
-                        self.state = ConnState::Live;
-                        tracing::info!(cursor = self.cursor, "replay done; live");
-                    }
+            let replaying = matches!(self.state, ConnState::Replaying { .. });
+            if replaying && !self.pace.ready(Instant::now()) {
+                break;
+            }
+            // live_first: live and backlog batches take turns for the window
+            // (the backlog at its pace), so neither starves the other.
+            let backlog_turn = self.backlog_turn;
+            self.backlog_turn = !backlog_turn;
+            let backlog_first = if backlog_turn { self.next_backlog_batch().await } else { None };
+            let next = match backlog_first {
+                Some((first, readings)) => Some((first, readings, true)),
+                None => match self.next_batch().await {
+                    Some((first, readings)) => Some((first, readings, false)),
+                    None => self.next_backlog_batch().await.map(|(first, readings)| (first, readings, true)),
+                },
+            };
+            let Some((first_seq, readings, from_backlog)) = next else {
+                if replaying && self.pg_retry_at.is_none() {
+                    self.state = ConnState::Live;
+                    tracing::info!(cursor = self.cursor, "replay done; live");
                 }
                 break;
             };
+            if replaying {
+                self.pace.spend(readings.len() as u64);
+            }
             let n = readings.len() as u64;
             let last_seq = first_seq + n - 1;
             let mut payload = Vec::new();
@@ -585,7 +630,15 @@ impl Publisher {
             self.window
                 .insert(first_seq, Inflight { last_seq, readings: n, payload, sent_at, attempts: 1, held: false });
             self.shared.metrics.inflight_batches.set(self.window.len() as i64);
-            self.cursor = last_seq;
+            if from_backlog {
+                self.shared.metrics.readings_replayed.inc_by(n);
+                self.backlog = self.backlog.map(|(_, until)| (last_seq, until)).filter(|&(c, until)| c < until);
+                if self.backlog.is_none() {
+                    tracing::info!(last_seq, "backlog replayed behind the live readings");
+                }
+            } else {
+                self.cursor = last_seq;
+            }
         }
     }
 
@@ -642,6 +695,45 @@ impl Publisher {
                     tracing::warn!(%error, "loading rows from the outbox failed; retrying in 1 s");
                     return None;
                 }
+            }
+        }
+    }
+
+    /// `live_first`: the next contiguous run of backlog rows (above the
+    /// backlog cursor, up to where the backlog ends), when the pace allows;
+    /// `None` when the backlog is done, or not yet allowed.
+    async fn next_backlog_batch(&mut self) -> Option<(u64, Vec<Reading>)> {
+        let (cursor, until) = self.backlog?;
+        if self.pg_retry_at.is_some() || !self.pace.ready(Instant::now()) {
+            return None;
+        }
+        self.shared.metrics.outbox_reads.inc();
+        match self.outbox.load(cursor, self.config.batch_max_readings).await {
+            Ok(rows) => {
+                let Some(&(first, _)) = rows.first().filter(|(seq, _)| *seq <= until) else {
+                    self.backlog = None;
+                    tracing::info!("backlog replayed behind the live readings");
+                    return None;
+                };
+                let contiguous = rows
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, (seq, _))| *seq == first + *i as u64 && *seq <= until)
+                    .count();
+                let n = cut(
+                    rows[..contiguous].iter().map(|(_, r)| r.encoded_len()),
+                    self.config.batch_max_readings,
+                    self.config.batch_max_bytes,
+                );
+                self.pace.spend(n as u64);
+                Some((first, rows.into_iter().take(n).map(|(_, r)| r).collect()))
+            }
+            Err(error) => {
+                self.shared.metrics.postgres_errors.inc();
+                self.outbox.reset();
+                self.pg_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                tracing::warn!(%error, "loading backlog rows from the outbox failed; retrying in 1 s");
+                None
             }
         }
     }

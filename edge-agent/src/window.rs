@@ -136,6 +136,42 @@ impl Window {
     }
 }
 
+/// The pace of the backlog replay: a token bucket of `rate` readings per
+/// second holding at most one second of them (0: no limit).
+#[derive(Debug, Clone)]
+pub struct Pace {
+    rate: u64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    /// A pace of `rate` readings per second (0: unlimited), full.
+    #[must_use]
+    pub fn new(rate: u64, now: Instant) -> Self {
+        Self { rate, tokens: rate as f64, at: now }
+    }
+
+    /// Whether a batch may go now (it may overdraw the bucket: the debt is
+    /// paid before the next one goes).
+    pub fn ready(&mut self, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.rate as f64);
+        self.at = now;
+        self.tokens > 0.0
+    }
+
+    /// `readings` went out.
+    pub fn spend(&mut self, readings: u64) {
+        if self.rate > 0 {
+            self.tokens -= readings as f64;
+        }
+    }
+}
+
 /// How many of `sizes` (encoded reading sizes, in seq order) go into the
 /// next batch: at least one, at most `max_readings`, and no more than
 /// `max_bytes` of readings unless a single reading is larger.
@@ -208,6 +244,25 @@ mod tests {
         assert_eq!(w.overdue(later, Duration::from_secs(5)), vec![1]);
         assert_eq!(w.confirm(11, 20).len(), 1);
         assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn the_pace_lets_rate_readings_per_second_through() {
+        let t0 = Instant::now();
+        let mut pace = super::Pace::new(1000, t0);
+        let mut sent = 0;
+        for ms in 0..=3000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            while pace.ready(now) {
+                pace.spend(100);
+                sent += 100;
+            }
+        }
+        // A full bucket (1,000) plus 1,000 per second for 3 s, give or take a batch.
+        assert!((3900..=4100).contains(&sent), "{sent}");
+        let mut free = super::Pace::new(0, t0);
+        free.spend(1 << 40);
+        assert!(free.ready(t0), "0 means no limit");
     }
 
     #[test]

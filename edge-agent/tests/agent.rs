@@ -531,3 +531,42 @@ async fn the_backlog_outlook_is_reported_while_it_grows_and_drains() {
     assert!((10.0..100.0).contains(&per_reading), "bytes on the wire per reading: {per_reading}");
     agent.shutdown().await;
 }
+
+/// Issue 12: with `replay_order = "live_first"` fresh readings go out at
+/// once after a reconnect while the backlog drains behind them at
+/// `replay_max_rate`; every reading still reaches the broker once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_first_replay_sends_fresh_readings_ahead_of_the_paced_backlog() {
+    let Some(stack) = stack_or_skip(&[Service::Postgres]) else { return };
+    let broker = PrivateService::start(Service::Mqtt);
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    // Subscribed before the outage: its persistent session keeps what the
+    // agent publishes while it reconnects.
+    let collector = Collector::start("127.0.0.1", broker.port, &prefix).await;
+    broker.stop();
+    let mut config = agent_config(&pg, broker.port, &prefix);
+    config.replay_order = edge_agent::config::ReplayOrder::LiveFirst;
+    config.replay_max_rate = 5000;
+    let agent = Agent::start(config, CancellationToken::new()).await.unwrap();
+    let backlog = 20_000;
+    let (_, emu, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), backlog, Rate::Max, "b"));
+    assert_eq!(emu.await.unwrap().acked, backlog, "the backlog is committed while the broker is down");
+
+    broker.restart();
+    let (_, live, _) = spawn_emulator(emulator(endpoint(&agent.listen_addrs[0]), 2000, Rate::PerSecond(1000), "l"));
+    let saw_live = || collector.ids.lock().unwrap().iter().any(|(sensor, _)| sensor.starts_with("l-"));
+    eventually(Duration::from_secs(20), "a live reading reached the broker", saw_live).await;
+    let replayed = agent.shared.metrics.readings_replayed.get();
+    assert!(
+        replayed < backlog,
+        "live readings went out while the backlog was still replaying ({replayed} of {backlog})"
+    );
+    assert_eq!(live.await.unwrap().acked, 2000);
+    eventually(Duration::from_secs(30), "every reading reached the broker", || collector.distinct() == 22_000).await;
+    assert_eq!(collector.missing_from(&expected_ids(4, "b", backlog)), 0);
+    assert_eq!(collector.missing_from(&expected_ids(4, "l", 2000)), 0);
+    assert!(agent.shared.metrics.readings_replayed.get() >= backlog, "the whole backlog was replayed");
+    eventually(Duration::from_secs(30), "outbox drained", || agent.shared.outbox_size().0 == 0).await;
+    agent.shutdown().await;
+}
