@@ -93,9 +93,11 @@ pub enum Compression {
 #[serde(rename_all = "snake_case")]
 pub enum ReplayOrder {
     /// The backlog first, oldest row first, then live readings.
+    #[value(alias = "oldest_first")]
     OldestFirst,
     /// Live readings as they come, the backlog behind them (oldest first)
     /// whenever the window has room: dashboards see the present at once.
+    #[value(alias = "live_first")]
     LiveFirst,
 }
 
@@ -106,6 +108,7 @@ pub enum QuotaPolicy {
     /// Stop reading sensor sockets until rows are confirmed (nothing lost).
     Backpressure,
     /// Delete the oldest rows to make room (counted as dropped).
+    #[value(alias = "drop_oldest")]
     DropOldest,
 }
 
@@ -365,6 +368,15 @@ mod tests {
         c.apply(Overrides { client_id: Some("dev-8".into()), ..Overrides::default() });
         assert_eq!(c.client_id, "dev-8");
         assert_eq!(c.mqtt_client_id(), "edge-agent-dev-8");
+    }
+
+    #[test]
+    fn multiword_values_are_spelt_the_same_in_the_file_and_on_the_command_line() {
+        use clap::ValueEnum;
+        assert_eq!(ReplayOrder::from_str("live_first", false), Ok(ReplayOrder::LiveFirst));
+        assert_eq!(ReplayOrder::from_str("live-first", false), Ok(ReplayOrder::LiveFirst));
+        assert_eq!(QuotaPolicy::from_str("drop_oldest", false), Ok(QuotaPolicy::DropOldest));
+        assert_eq!(Config::from_toml("replay_order = \"live_first\"").unwrap().replay_order, ReplayOrder::LiveFirst);
     }
 
     #[test]
