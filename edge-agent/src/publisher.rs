@@ -595,7 +595,7 @@ impl Publisher {
                 }
                 break;
             };
-            if replaying {
+            if replaying || from_backlog {
                 self.pace.spend(readings.len() as u64);
             }
             let n = readings.len() as u64;
@@ -632,9 +632,9 @@ impl Publisher {
             self.shared.metrics.inflight_batches.set(self.window.len() as i64);
             if from_backlog {
                 self.shared.metrics.readings_replayed.inc_by(n);
-                self.backlog = self.backlog.map(|(_, until)| (last_seq, until)).filter(|&(c, until)| c < until);
-                if self.backlog.is_none() {
-                    tracing::info!(last_seq, "backlog replayed behind the live readings");
+                match self.backlog {
+                    Some((_, until)) if last_seq < until => self.backlog = Some((last_seq, until)),
+                    _ => self.end_backlog(),
                 }
             } else {
                 self.cursor = last_seq;
@@ -656,9 +656,8 @@ impl Publisher {
             if self.pg_retry_at.is_some() || high <= self.cursor {
                 return None;
             }
-            self.shared.metrics.outbox_reads.inc();
-            match self.outbox.load(self.cursor, self.config.batch_max_readings).await {
-                Ok(rows) if rows.is_empty() => {
+            match self.load_above(self.cursor).await? {
+                rows if rows.is_empty() => {
                     // Nothing in the outbox above the cursor: every row up to
                     // `high` (committed before the query) is confirmed and
                     // gone, so the cursor moves there and the next call needs
@@ -672,31 +671,46 @@ impl Publisher {
                         }
                     }
                 }
-                Ok(rows) => {
+                rows => {
                     let first = rows[0].0;
                     if self.memory.front().is_some_and(|b| b.first_seq <= first) {
                         self.cursor = self.memory.front().map_or(self.cursor, |b| b.first_seq - 1);
                         continue;
                     }
-                    let contiguous =
-                        rows.iter().enumerate().take_while(|(i, (seq, _))| *seq == first + *i as u64).count();
-                    let n = cut(
-                        rows[..contiguous].iter().map(|(_, r)| r.encoded_len()),
-                        self.config.batch_max_readings,
-                        self.config.batch_max_bytes,
-                    );
-                    let readings = rows.into_iter().take(n).map(|(_, r)| r).collect();
-                    return Some((first, readings));
-                }
-                Err(error) => {
-                    self.shared.metrics.postgres_errors.inc();
-                    self.outbox.reset();
-                    self.pg_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    tracing::warn!(%error, "loading rows from the outbox failed; retrying in 1 s");
-                    return None;
+                    return Some(self.first_batch(rows, u64::MAX));
                 }
             }
         }
+    }
+
+    /// Up to a batch's worth of outbox rows above `after`, oldest first;
+    /// `None` (and a retry in 1 s) when Postgres fails.
+    async fn load_above(&mut self, after: u64) -> Option<Vec<(u64, Reading)>> {
+        self.shared.metrics.outbox_reads.inc();
+        match self.outbox.load(after, self.config.batch_max_readings).await {
+            Ok(rows) => Some(rows),
+            Err(error) => {
+                self.shared.metrics.postgres_errors.inc();
+                self.outbox.reset();
+                self.pg_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                tracing::warn!(%error, "loading rows from the outbox failed; retrying in 1 s");
+                None
+            }
+        }
+    }
+
+    /// The first batch of `rows` (non-empty, seq order): their leading run of
+    /// contiguous seqs no higher than `upto`, cut to the batch limits.
+    fn first_batch(&self, rows: Vec<(u64, Reading)>, upto: u64) -> (u64, Vec<Reading>) {
+        let first = rows[0].0;
+        let contiguous =
+            rows.iter().enumerate().take_while(|(i, (seq, _))| *seq == first + *i as u64 && *seq <= upto).count();
+        let n = cut(
+            rows[..contiguous].iter().map(|(_, r)| r.encoded_len()),
+            self.config.batch_max_readings,
+            self.config.batch_max_bytes,
+        );
+        (first, rows.into_iter().take(n).map(|(_, r)| r).collect())
     }
 
     /// `live_first`: the next contiguous run of backlog rows (above the
@@ -707,35 +721,18 @@ impl Publisher {
         if self.pg_retry_at.is_some() || !self.pace.ready(Instant::now()) {
             return None;
         }
-        self.shared.metrics.outbox_reads.inc();
-        match self.outbox.load(cursor, self.config.batch_max_readings).await {
-            Ok(rows) => {
-                let Some(&(first, _)) = rows.first().filter(|(seq, _)| *seq <= until) else {
-                    self.backlog = None;
-                    tracing::info!("backlog replayed behind the live readings");
-                    return None;
-                };
-                let contiguous = rows
-                    .iter()
-                    .enumerate()
-                    .take_while(|(i, (seq, _))| *seq == first + *i as u64 && *seq <= until)
-                    .count();
-                let n = cut(
-                    rows[..contiguous].iter().map(|(_, r)| r.encoded_len()),
-                    self.config.batch_max_readings,
-                    self.config.batch_max_bytes,
-                );
-                self.pace.spend(n as u64);
-                Some((first, rows.into_iter().take(n).map(|(_, r)| r).collect()))
-            }
-            Err(error) => {
-                self.shared.metrics.postgres_errors.inc();
-                self.outbox.reset();
-                self.pg_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                tracing::warn!(%error, "loading backlog rows from the outbox failed; retrying in 1 s");
-                None
-            }
+        let rows = self.load_above(cursor).await?;
+        if rows.first().is_none_or(|&(seq, _)| seq > until) {
+            self.end_backlog();
+            return None;
         }
+        Some(self.first_batch(rows, until))
+    }
+
+    /// `live_first`: the backlog is replayed.
+    fn end_backlog(&mut self) {
+        self.backlog = None;
+        tracing::info!("backlog replayed behind the live readings");
     }
 
     /// The next batch from the committed blocks in memory, merging blocks
