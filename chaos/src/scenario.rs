@@ -845,7 +845,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             ingests.push(Daemon::start(spec, http, Some(INGEST_READY), START_WITHIN).await?);
         }
         Fault::ForgedConfirmations => {
-            let epoch: u64 = pg_tool("psql", &pg_url, &["-tA", "-c", "SELECT epoch FROM edge_agent.outbox_meta"])?
+            let epoch: u64 = pg_tool_in("psql", &pg_url, &["-tA", "-c", "SELECT epoch FROM edge_agent.outbox_meta"])?
                 .trim()
                 .parse::<i64>()
                 .context("the agent's epoch")? as u64;
@@ -884,12 +884,12 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         Fault::OutboxRollback => {
             let dump = dir.join("outbox.sql");
             let (url, path) = (pg_url.clone(), dump.display().to_string());
-            blocking(move || pg_tool("pg_dump", &url, &["-n", "edge_agent", "--clean", "--if-exists", "-f", &path]))
+            blocking(move || pg_tool_in("pg_dump", &url, &["-n", "edge_agent", "--clean", "--if-exists", "-f", &path]))
                 .await??;
             tokio::time::sleep(form.kill_gap).await;
             let (url, path) = (pg_url.clone(), dump.display().to_string());
             blocking(move || {
-                pg_tool("psql", &url, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", &path])
+                pg_tool_in("psql", &url, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", &path])
             })
             .await??;
             // The agent sees it at its next commit (sensors keep sending).
@@ -1266,18 +1266,9 @@ fn start_emulator(
 /// Starts a stopped private instance again; returns when its port first
 /// accepted a connection (the start command itself waits for more, e.g. a
 /// query answered, and polls more slowly).
-/// Runs `pg_dump` or `psql` against the outbox database; its output.
-fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(tool)
-        .arg("-d")
-        .arg(url)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {tool} (Debian package postgresql-client)"))?;
-    if !out.status.success() {
-        bail!("{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// [`test_support::pg_tool`], its failure an error of this suite.
+fn pg_tool_in(tool: &str, url: &str, args: &[&str]) -> Result<String> {
+    test_support::pg_tool(tool, url, args).map_err(|e| anyhow!(e))
 }
 
 async fn restart_private(p: Arc<PrivateService>) -> Result<Instant> {

@@ -89,12 +89,7 @@ fn status(client_id: &str, outbox_rows: u64, oldest_age_s: f64, rate: f64, conne
         received_per_s: rate,
         confirmed_per_s: if connected { rate } else { 0.0 },
         connected,
-        drain_per_s: None,
-        drain_eta_s: None,
-        bytes_per_reading: None,
-        ingest_present: None,
-        echo_held_batches: None,
-        echo_ahead_readings: None,
+        ..Default::default()
     }
 }
 

@@ -90,12 +90,6 @@ async fn ingest_killed_between_receive_and_insert_loses_nothing_end_to_end() {
     assert!(ingest.terminate().success());
 }
 
-/// Runs `psql` or `pg_dump` against the test database.
-fn pg_tool(tool: &str, pg: &str, args: &[&str]) {
-    let out = std::process::Command::new(tool).arg("-d").arg(pg).args(args).output().expect("run a Postgres tool");
-    assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Streams `n` readings (4 sensors, timestamps from `first_ts`) to `agent`
 /// and waits until every one is acked to the sensor.
 async fn send(agent: &Agent, n: u64, first_ts: i64) {
@@ -124,7 +118,10 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
     let drained = |agent: &Agent| agent.shared.outbox_size().0 == 0;
     let dump = std::env::temp_dir().join(format!("{}.sql", test_support::unique_name("outbox")));
     let dump_path = dump.to_str().expect("utf-8 path");
-    let restore = || pg_tool("psql", &pg, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", dump_path]);
+    let restore = || {
+        test_support::pg_tool("psql", &pg, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", dump_path])
+            .expect("restore the dump")
+    };
 
     let agent = Agent::start(agent_config.clone(), CancellationToken::new()).await.expect("agent starts");
     let first_epoch = agent.epoch;
@@ -132,7 +129,8 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
     world.wait_stored(1000, Duration::from_secs(60)).await;
     harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;
     // The backup: next_seq 1001.
-    pg_tool("pg_dump", &pg, &["-n", "edge_agent", "--clean", "--if-exists", "-f", dump_path]);
+    test_support::pg_tool("pg_dump", &pg, &["-n", "edge_agent", "--clean", "--if-exists", "-f", dump_path])
+        .expect("dump the outbox");
     send(&agent, 1000, harness::BASE_TS + 10_000_000).await;
     world.wait_stored(2000, Duration::from_secs(60)).await;
     harness::wait_for("outbox drained", Duration::from_secs(30), || drained(&agent)).await;

@@ -150,12 +150,7 @@ async fn agent_status_messages_are_stored() {
         received_per_s: 100.0,
         confirmed_per_s: 99.0,
         connected: true,
-        drain_per_s: None,
-        drain_eta_s: None,
-        bytes_per_reading: None,
-        ingest_present: None,
-        echo_held_batches: None,
-        echo_ahead_readings: None,
+        ..Default::default()
     };
     let json = String::from_utf8(status.encode()).expect("json is utf-8");
     harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-m", &json]);

@@ -163,6 +163,24 @@ pub async fn fresh_pg_database(stack: &Stack) -> String {
     stack.pg_url(&name)
 }
 
+/// Runs a Postgres client tool (`psql`, `pg_dump`) against the database of
+/// connection string `url` with `args`; its standard output, or why it failed.
+///
+/// # Errors
+/// The tool could not run, or exited unsuccessfully (its stderr).
+pub fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(tool)
+        .arg("-d")
+        .arg(url)
+        .args(args)
+        .output()
+        .map_err(|e| format!("run {tool} (Debian package postgresql-client): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Drops a database made by [`fresh_pg_database`] (given its connection
 /// string); best effort, for suites that clean up after themselves. Nothing
 /// may be connected to it any more.

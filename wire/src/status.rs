@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Version written in [`AgentStatus::version`].
 pub const STATUS_VERSION: u32 = 1;
 
-/// One agent's state at one instant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One agent's state at one instant (`Default`: all zero, the optional
+/// fields absent, for building one field by field).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
     /// Format version, [`STATUS_VERSION`].
     pub version: u32,
