@@ -376,13 +376,7 @@ impl Publisher {
             }
             let readings = self.ahead.acked(range.first_seq, range.last_seq);
             if rejected && readings > 0 {
-                self.shared.metrics.readings_rejected_by_ingest.inc_by(readings);
-                tracing::warn!(
-                    first_seq = range.first_seq,
-                    last_seq = range.last_seq,
-                    readings,
-                    "the ingest server rejected these echoed readings for good (see its ingest_errors)"
-                );
+                self.rejected_by_ingest(range, readings);
             }
         }
         self.shared.metrics.echo_ahead_readings.set(self.ahead.readings() as i64);
@@ -401,6 +395,19 @@ impl Publisher {
             Some(_) => self.reject_confirmation(range, "payload_mismatch"),
             None => self.reject_confirmation(range, "not_in_flight"),
         }
+    }
+
+    /// Counts and logs readings the ingest server rejected for good (it
+    /// dead-lettered them): republishing cannot help, so they leave the
+    /// outbox (ingest mode) or were already gone (echo mode).
+    fn rejected_by_ingest(&self, range: &SeqRange, readings: u64) {
+        self.shared.metrics.readings_rejected_by_ingest.inc_by(readings);
+        tracing::warn!(
+            first_seq = range.first_seq,
+            last_seq = range.last_seq,
+            readings,
+            "the ingest server rejected these readings for good (see its ingest_errors); not stored, not in the outbox"
+        );
     }
 
     /// Counts and logs a confirmation that deletes nothing; `false`.
@@ -437,15 +444,7 @@ impl Publisher {
         }
         let readings: u64 = retired.iter().map(|(_, b)| b.readings).sum();
         match (kind, self.config.confirm) {
-            (Confirmation::Rejected, _) => {
-                self.shared.metrics.readings_rejected_by_ingest.inc_by(readings);
-                tracing::warn!(
-                    first_seq = range.first_seq,
-                    last_seq = range.last_seq,
-                    readings,
-                    "the ingest server rejected these readings for good (see its ingest_errors); deleted from the outbox"
-                );
-            }
+            (Confirmation::Rejected, _) => self.rejected_by_ingest(&range, readings),
             (Confirmation::Confirmed, ConfirmMode::Echo) => {
                 self.shared.metrics.readings_echoed.inc_by(readings);
             }
