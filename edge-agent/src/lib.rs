@@ -13,8 +13,10 @@
 //! - [`listener`]: sensor connections, decoding, validation, acks.
 //! - [`committer`]: group commit into the outbox; quota.
 //! - [`outbox`]: the Postgres tables and queries.
-//! - [`publisher`]: batches, the in-flight window, replay, status messages.
-//! - [`window`]: the pure in-flight bookkeeping.
+//! - [`publish_state`]: the publisher's decisions as a pure state machine:
+//!   batches, replay, confirmations, presence, status (no I/O).
+//! - [`publisher`]: the I/O shell around it (MQTT client, outbox reads).
+//! - [`window`], [`ahead`]: the pure in-flight and echo-ahead bookkeeping.
 //! - [`confirm`]: deleting confirmed rows.
 //! - [`mqtt`]: rumqttc options and the event-loop task.
 //! - [`http`]: `/metrics` and `/healthz`.
@@ -32,6 +34,7 @@ pub mod listener;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
+pub mod publish_state;
 pub mod publisher;
 pub mod shared;
 pub mod window;
