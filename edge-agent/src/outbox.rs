@@ -3,7 +3,8 @@
 //!
 //! # Invariants
 //! - `seq` is assigned by the agent from `outbox_meta.next_seq`, advanced in
-//!   the *same statement* that inserts the rows. Seqs are therefore never
+//!   the *same transaction* that inserts the rows (`COPY … BINARY`: about
+//!   twice the rows per CPU second of an `INSERT … SELECT unnest(…)`). Seqs are therefore never
 //!   reused within an epoch (even after every row was deleted and the agent
 //!   restarted), each commit's seqs are contiguous, and the seq → reading
 //!   mapping the publisher holds in memory is exactly the one in the table.
@@ -26,9 +27,12 @@
 //! A connection that fails is dropped and re-established on the next call;
 //! callers retry with backoff.
 
+use std::pin::pin;
 use std::str::FromStr;
 
 use telemetry_wire::Reading;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::config::Secret;
@@ -102,7 +106,10 @@ pub fn row_bytes(reading: &Reading) -> u64 {
 }
 
 struct Prepared {
-    insert: Statement,
+    /// The guard: moves `next_seq` from $1 to $2, or touches no row.
+    advance: Statement,
+    /// The rows, in binary.
+    copy: Statement,
     load: Statement,
     delete: Statement,
 }
@@ -135,7 +142,7 @@ impl Outbox {
         Ok(Self { config, schema: schema.to_owned(), conn: None })
     }
 
-    async fn client(&mut self) -> Result<&(Client, Prepared), OutboxError> {
+    async fn client(&mut self) -> Result<&mut (Client, Prepared), OutboxError> {
         if self.conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
             self.conn = None;
         }
@@ -152,14 +159,11 @@ impl Outbox {
             client.batch_execute("SET synchronous_commit = on").await?;
             // Idempotent; statements below need the tables to exist.
             client.batch_execute(&ddl(s)).await?;
-            let insert = client
-                .prepare(&format!(
-                    "WITH m AS (UPDATE {s}.outbox_meta SET next_seq = $2 WHERE id = 1 AND next_seq = $1 RETURNING 1) \
-                     INSERT INTO {s}.outbox (seq, sensor, ts, value) \
-                     SELECT u.seq, u.sensor, u.ts, u.value FROM m, \
-                     unnest($3::int8[], $4::text[], $5::int8[], $6::float8[]) AS u(seq, sensor, ts, value)"
-                ))
+            let advance = client
+                .prepare(&format!("UPDATE {s}.outbox_meta SET next_seq = $2 WHERE id = 1 AND next_seq = $1"))
                 .await?;
+            let copy =
+                client.prepare(&format!("COPY {s}.outbox (seq, sensor, ts, value) FROM STDIN (FORMAT binary)")).await?;
             let load = client
                 .prepare(&format!("SELECT seq, sensor, ts, value FROM {s}.outbox WHERE seq > $1 ORDER BY seq LIMIT $2"))
                 .await?;
@@ -170,10 +174,10 @@ impl Outbox {
                      SELECT count(*)::int8, coalesce(sum(l), 0)::int8 FROM d"
                 ))
                 .await?;
-            self.conn = Some((client, Prepared { insert, load, delete }));
+            self.conn = Some((client, Prepared { advance, copy, load, delete }));
         }
         // Invariant: set just above when it was None.
-        Ok(self.conn.as_ref().expect("connection established above"))
+        Ok(self.conn.as_mut().expect("connection established above"))
     }
 
     /// Forgets the connection after an error so the next call reconnects.
@@ -251,8 +255,12 @@ impl Outbox {
         Ok(moved == 1)
     }
 
-    /// Inserts `readings` as seqs `first_seq..` in one statement (one
-    /// transaction), advancing `next_seq` past them.
+    /// Inserts `readings` as seqs `first_seq..` in one transaction,
+    /// advancing `next_seq` past them.
+    ///
+    /// The guard goes first: it takes the meta row's lock, so a second
+    /// writer waits there and then finds `next_seq` moved, before any row
+    /// is written.
     ///
     /// # Errors
     /// Postgres errors, or [`OutboxError::SeqConflict`] when `next_seq` is not
@@ -261,18 +269,23 @@ impl Outbox {
         if readings.is_empty() {
             return Ok(());
         }
-        let n = readings.len() as i64;
         let first = first_seq as i64;
-        let seqs: Vec<i64> = (first..first + n).collect();
-        let sensors: Vec<&str> = readings.iter().map(|r| r.sensor.as_str()).collect();
-        let ts: Vec<i64> = readings.iter().map(|r| r.ts).collect();
-        let values: Vec<f64> = readings.iter().map(|r| r.value).collect();
+        let end = first + readings.len() as i64;
         let (client, st) = self.client().await?;
-        let inserted = client.execute(&st.insert, &[&first, &(first + n), &seqs, &sensors, &ts, &values]).await?;
-        if inserted == 0 {
+        let tx = client.transaction().await?;
+        if tx.execute(&st.advance, &[&first, &end]).await? == 0 {
+            // Dropping the transaction rolls it back.
+            drop(tx);
             let found = self.next_seq().await?;
             return Err(OutboxError::SeqConflict { expected: first_seq, found });
         }
+        let sink = tx.copy_in(&st.copy).await?;
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::INT8, Type::FLOAT8]));
+        for (seq, r) in (first..).zip(readings) {
+            writer.as_mut().write(&[&seq, &r.sensor.as_str(), &r.ts, &r.value]).await?;
+        }
+        writer.finish().await?;
+        tx.commit().await?;
         Ok(())
     }
 
