@@ -750,6 +750,36 @@ fn tags(html: &str) -> Vec<Tag> {
     out
 }
 
+/// The fleet table's cell `col` (its `data-col`) in the row of `client`: its
+/// start tag and its text (tags stripped, entities decoded).
+fn fleet_cell(dom: &str, client: &str, col: &str) -> (Tag, String) {
+    let table = dom.find(r#"id="fleet-table""#).expect("the fleet table");
+    let table_end = table + dom[table..].find("</table>").expect("the fleet table's end");
+    let row = table
+        + dom[table..table_end]
+            .find(&format!(r#"data-client="{client}""#))
+            .unwrap_or_else(|| panic!("fleet row {client}"));
+    let row_end = row + dom[row..].find("</tr>").expect("the row's end");
+    let attr =
+        row + dom[row..row_end].find(&format!(r#"data-col="{col}""#)).unwrap_or_else(|| panic!("{client}: {col}"));
+    let start = dom[..attr].rfind("<td").expect("a cell");
+    let open_end = attr + dom[attr..].find('>').expect("the cell's start tag") + 1;
+    let close = open_end + dom[open_end..].find("</td>").expect("the cell's end");
+    let tag = tags(&dom[start..open_end]).pop().expect("the cell's tag");
+    let mut text = String::new();
+    let mut in_tag = false;
+    for ch in dom[open_end..close].chars() {
+        match ch {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    let text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&nbsp;", "\u{a0}").replace("&amp;", "&");
+    (tag, text)
+}
+
 /// The tags named `name` that satisfy `pred`.
 fn find<'a>(tags: &'a [Tag], name: &str, pred: &dyn Fn(&Tag) -> bool) -> Vec<&'a Tag> {
     tags.iter().filter(|t| t.name == name && pred(t)).collect()
@@ -806,6 +836,42 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
     assert_eq!(row("dash-a").num("data-outbox-rows"), 12.0);
     assert_eq!(row(OLD_AGENT).num("data-outbox-rows"), 5321.0);
     assert_eq!(row(OLD_AGENT).attr("data-connected"), Some("0"));
+
+    // The backlog outlook and echo state: the row's data-* attributes carry
+    // the published numbers (absent when the agent did not send them), its
+    // cells show them for people.
+    for sent in &seeded.statuses {
+        let r = row(&sent.client_id);
+        let id = &sent.client_id;
+        let as_attr = |v: Option<f64>| v.map(|v| v.to_string());
+        assert_eq!(r.attr("data-drain-per-s").map(str::to_owned), as_attr(sent.drain_per_s), "{id}");
+        assert_eq!(r.attr("data-drain-eta-s").map(str::to_owned), as_attr(sent.drain_eta_s), "{id}");
+        assert_eq!(r.attr("data-bytes-per-reading").map(str::to_owned), as_attr(sent.bytes_per_reading), "{id}");
+        assert_eq!(
+            r.attr("data-ingest-present").map(str::to_owned),
+            sent.ingest_present.map(|p| u8::from(p).to_string())
+        );
+        assert_eq!(r.attr("data-echo-held-batches").map(str::to_owned), sent.echo_held_batches.map(|n| n.to_string()));
+        assert_eq!(
+            r.attr("data-echo-ahead-readings").map(str::to_owned),
+            sent.echo_ahead_readings.map(|n| n.to_string())
+        );
+    }
+    let shown = |client: &str| -> Vec<String> {
+        ["outbox-rows", "drain", "drain-eta", "bytes-per-reading", "echo"]
+            .map(|col| fleet_cell(&dom, client, col).1)
+            .into()
+    };
+    assert_eq!(shown("dash-a"), ["12", "0.1 /s", "2.0 min", "9.5 B", "ingest · 0 held · 1,200 ahead"]);
+    assert_eq!(shown("dash-b"), ["0", "0.0 /s", "–", "31.5 B", "–"], "ingest mode, nothing to drain");
+    assert_eq!(shown(OLD_AGENT), ["5,321", "–", "–", "–", "–"], "an older agent: unknown");
+    assert_eq!(shown(STALLED_AGENT), ["800", "-2.5 /s", "stalled", "12.0 B", "no ingest · 3 held · 6,000 ahead"]);
+    assert_eq!(shown(OLD_CLIENT), ["–", "–", "–", "–", "–"], "no status at all");
+    let class = |client: &str, col: &str| fleet_cell(&dom, client, col).0.attr("class").unwrap_or_default().to_owned();
+    assert_eq!(class(STALLED_AGENT, "drain-eta"), "bad", "stalled is marked");
+    assert_eq!(class(STALLED_AGENT, "echo"), "bad", "no ingest server is marked");
+    assert_eq!(class("dash-a", "drain-eta"), "", "a draining backlog is not");
+    assert_eq!(class("dash-a", "echo"), "", "nor echo mode with an ingest server and nothing held");
 
     // One chart per client and sensor: its minutes and numbers equal the raw
     // data's, and it drew one bar per minute and a mean line.
