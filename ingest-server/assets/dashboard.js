@@ -81,7 +81,8 @@ function duration(s) {
   if (s === null || s === undefined) return "–";
   if (s < 90) return num(s, 1) + " s";
   if (s < 5400) return num(s / 60, 1) + " min";
-  return num(s / 3600, 1) + " h";
+  if (s < 172800) return num(s / 3600, 1) + " h";
+  return num(s / 86400, 1) + " d";
 }
 
 function clock(ms) {
@@ -144,6 +145,44 @@ function freshness(ageMs) {
   return ageMs < 30000 ? "ok" : ageMs < 300000 ? "warn" : "bad";
 }
 
+const known = (v) => v !== null && v !== undefined;
+
+// The backlog's outlook from an agent's status. Older agents send none of
+// these fields: "–" (unknown). An outbox with rows that is not shrinking
+// (the agent sends a rate but no ETA) is "stalled".
+function drainCells(s) {
+  const rate = s && known(s.drain_per_s) ? s.drain_per_s : null;
+  const stalled = rate !== null && s.outbox_rows > 0 && !known(s.drain_eta_s);
+  let eta = "–";
+  if (stalled) eta = "stalled";
+  else if (s && s.outbox_rows > 0 && known(s.drain_eta_s)) eta = duration(s.drain_eta_s);
+  return [
+    el("td", { "data-col": "drain", class: stalled ? "bad" : "" }, rate === null ? "–" : num(rate, 1) + " /s"),
+    el("td", { "data-col": "drain-eta", class: stalled ? "bad" : "", title: stalled ? "rows wait and the outbox is not shrinking" : null },
+      eta),
+    el("td", { "data-col": "bytes-per-reading" },
+      s && known(s.bytes_per_reading) ? num(s.bytes_per_reading, 1) + " B" : "–"),
+  ];
+}
+
+// Echo mode only (the fields are absent in ingest mode and from older agents):
+// whether an ingest server is announced, batches held for want of one, and
+// readings only the broker holds. Compact text, one cell.
+function echoCell(s) {
+  const parts = [];
+  let level = "";
+  if (s && known(s.ingest_present)) {
+    parts.push(s.ingest_present ? "ingest" : "no ingest");
+    if (!s.ingest_present) level = "bad";
+  }
+  if (s && known(s.echo_held_batches)) {
+    parts.push(int(s.echo_held_batches) + " held");
+    if (s.echo_held_batches > 0 && !level) level = "warn";
+  }
+  if (s && known(s.echo_ahead_readings)) parts.push(int(s.echo_ahead_readings) + " ahead");
+  return el("td", { "data-col": "echo", class: level }, parts.length ? parts.join(" · ") : "–");
+}
+
 function renderFleet(fleet) {
   const table = document.getElementById("fleet-table");
   setAttrs(table, {
@@ -163,14 +202,22 @@ function renderFleet(fleet) {
       "data-outbox-rows": s ? s.outbox_rows : null,
       "data-oldest-age-s": s ? s.oldest_age_s : null,
       "data-connected": s ? (s.connected ? 1 : 0) : null,
+      "data-drain-per-s": s ? s.drain_per_s : null,
+      "data-drain-eta-s": s ? s.drain_eta_s : null,
+      "data-bytes-per-reading": s ? s.bytes_per_reading : null,
+      "data-ingest-present": s && known(s.ingest_present) ? (s.ingest_present ? 1 : 0) : null,
+      "data-echo-held-batches": s ? s.echo_held_batches : null,
+      "data-echo-ahead-readings": s ? s.echo_ahead_readings : null,
     },
       el("td", {}, c.client_id),
       el("td", { class: freshness(ageMs), title: c.last_seen_ms ? stamp(c.last_seen_ms) : "" }, age(ageMs)),
       el("td", {}, num(c.readings_per_s, 2)),
       el("td", {}, s ? num(s.received_per_s, 1) : "–"),
       el("td", {}, s ? num(s.confirmed_per_s, 1) : "–"),
-      el("td", { class: s && s.outbox_rows > 0 ? "warn" : "" }, s ? int(s.outbox_rows) : "–"),
-      el("td", {}, s ? duration(s.oldest_age_s) : "–"),
+      el("td", { "data-col": "outbox-rows", class: s && s.outbox_rows > 0 ? "warn" : "" }, s ? int(s.outbox_rows) : "–"),
+      el("td", { "data-col": "oldest-age" }, s ? duration(s.oldest_age_s) : "–"),
+      ...drainCells(s),
+      echoCell(s),
       el("td", { class: s ? (s.connected ? "ok" : "bad") : "" }, s ? (s.connected ? "connected" : "offline") : "no status"),
       el("td", {}, String(c.sensors.length)),
     );

@@ -11,6 +11,12 @@
 //!
 //! `DateTime64(6)` travels in RowBinary as an `Int64` of microseconds, so the
 //! writer's row types are the same for both flavours; only the SQL differs.
+//!
+//! `CREATE ... IF NOT EXISTS` leaves an existing table as it is. Columns a
+//! later release adds to an existing table are listed in
+//! [`ADDED_STATUS_COLUMNS`] and added by [`ensure`] when missing (the only
+//! ones so far: the agents' backlog outlook and echo state in
+//! `agent_status`).
 
 use clickhouse::Client;
 
@@ -170,7 +176,13 @@ ORDER BY received_at",
     received_per_s Float64,
     confirmed_per_s Float64,
     connected UInt8,
-    received_at DateTime
+    received_at DateTime,
+    drain_per_s Nullable(Float64),
+    drain_eta_s Nullable(Float64),
+    bytes_per_reading Nullable(Float64),
+    ingest_present Nullable(UInt8),
+    echo_held_batches Nullable(UInt64),
+    echo_ahead_readings Nullable(UInt64)
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
                 t = tables.agent_status
@@ -263,7 +275,13 @@ ORDER BY received_at{ttl}",
     received_per_s Float64,
     confirmed_per_s Float64,
     connected UInt8,
-    received_at DateTime('UTC')
+    received_at DateTime('UTC'),
+    drain_per_s Nullable(Float64),
+    drain_eta_s Nullable(Float64),
+    bytes_per_reading Nullable(Float64),
+    ingest_present Nullable(UInt8),
+    echo_held_batches Nullable(UInt64),
+    echo_ahead_readings Nullable(UInt64)
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
                 t = tables.agent_status
@@ -286,6 +304,42 @@ ORDER BY (minute, client_id, token)",
     out
 }
 
+/// Columns of `agent_status` added after its first release, with their type
+/// (the same in both flavours, and as in [`ddl`]): the agent's backlog
+/// outlook and echo state, `NULL` when its status did not carry the field
+/// (older agents; the echo fields in ingest mode). `Nullable` rather than a
+/// sentinel, because every value is meaningful (a drain rate of 0 or below,
+/// an ETA of 0 for an empty outbox, `ingest_present` 0) and rows stored
+/// before the column existed read as `NULL` too.
+pub const ADDED_STATUS_COLUMNS: [(&str, &str); 6] = [
+    ("drain_per_s", "Nullable(Float64)"),
+    ("drain_eta_s", "Nullable(Float64)"),
+    ("bytes_per_reading", "Nullable(Float64)"),
+    ("ingest_present", "Nullable(UInt8)"),
+    ("echo_held_batches", "Nullable(UInt64)"),
+    ("echo_ahead_readings", "Nullable(UInt64)"),
+];
+
+/// The `ALTER TABLE` adding to `agent_status` those of
+/// [`ADDED_STATUS_COLUMNS`] that are not among `existing` (its column names),
+/// or `None` when none is missing. ClickHouse 18.16 has no `ADD COLUMN IF NOT
+/// EXISTS` (a syntax error there), so the legacy statement names only the
+/// missing columns; the current one also says `IF NOT EXISTS`, so servers
+/// starting together cannot trip over each other.
+#[must_use]
+pub fn add_status_columns(flavor: Flavor, tables: &Tables, existing: &[String]) -> Option<String> {
+    let guard = match flavor {
+        Flavor::Legacy => "",
+        Flavor::Current => "IF NOT EXISTS ",
+    };
+    let adds: Vec<String> = ADDED_STATUS_COLUMNS
+        .iter()
+        .filter(|(name, _)| !existing.iter().any(|e| e == name))
+        .map(|(name, ty)| format!("ADD COLUMN {guard}{name} {ty}"))
+        .collect();
+    (!adds.is_empty()).then(|| format!("ALTER TABLE {} {}", tables.agent_status, adds.join(", ")))
+}
+
 /// Asks the server for its version and picks the flavour.
 ///
 /// # Errors
@@ -296,7 +350,8 @@ pub async fn detect(client: &Client) -> Result<(String, Flavor), clickhouse::err
     Ok((version, flavor))
 }
 
-/// Creates the database and every table if missing.
+/// Creates the database and every table if missing, and adds the
+/// [`ADDED_STATUS_COLUMNS`] an `agent_status` of an older release lacks.
 ///
 /// # Errors
 /// The first statement that fails.
@@ -310,7 +365,38 @@ pub async fn ensure(
     for statement in ddl(flavor, tables, retention_days) {
         client.query(&statement).execute().await?;
     }
-    Ok(())
+    upgrade_status_table(client, flavor, tables).await
+}
+
+/// The column names of `agent_status`.
+async fn status_columns(client: &Client, tables: &Tables) -> Result<Vec<String>, clickhouse::error::Error> {
+    client
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = 'agent_status'")
+        .bind(tables.database.as_str())
+        .fetch_all()
+        .await
+}
+
+/// Adds the [`ADDED_STATUS_COLUMNS`] missing from `agent_status` (a table
+/// created by an older release). Servers starting together on 18.16 may
+/// both try: when the `ALTER` fails, the columns are read again, and it is
+/// an error only while some are still missing.
+async fn upgrade_status_table(
+    client: &Client,
+    flavor: Flavor,
+    tables: &Tables,
+) -> Result<(), clickhouse::error::Error> {
+    let Some(alter) = add_status_columns(flavor, tables, &status_columns(client, tables).await?) else {
+        return Ok(());
+    };
+    tracing::info!(table = %tables.agent_status, %alter, "adding this release's status columns to the table of an older one");
+    match client.query(&alter).execute().await {
+        Ok(()) => Ok(()),
+        Err(error) => match add_status_columns(flavor, tables, &status_columns(client, tables).await?) {
+            None => Ok(()), // another server added them meanwhile
+            Some(_) => Err(error),
+        },
+    }
 }
 
 /// Drops `readings_1m_live` if an older release created it (its definition
@@ -350,6 +436,52 @@ mod tests {
         for absent in ["DateTime64", "CODEC", "TTL", "LowCardinality"] {
             assert!(!ddl.contains(absent), "{absent} in legacy DDL");
         }
+    }
+
+    /// The `agent_status` statement of `flavor`'s DDL.
+    fn status_ddl(flavor: Flavor) -> String {
+        let tables = Tables::new("t");
+        let mut found = ddl(flavor, &tables, 0).into_iter().filter(|s| s.contains(tables.agent_status.as_str()));
+        let statement = found.next().expect("an agent_status statement");
+        assert!(found.next().is_none(), "one agent_status statement");
+        statement
+    }
+
+    #[test]
+    fn both_flavours_create_the_added_status_columns_with_the_listed_types() {
+        for flavor in [Flavor::Legacy, Flavor::Current] {
+            let create = status_ddl(flavor);
+            for (name, ty) in ADDED_STATUS_COLUMNS {
+                assert!(create.contains(&format!("\n    {name} {ty}")), "{flavor:?}: {name} {ty} in {create}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_missing_status_columns_are_added_and_only_current_says_if_not_exists() {
+        let t = Tables::new("db");
+        let old: Vec<String> = ["client_id", "ts", "outbox_rows", "connected", "received_at"].map(str::to_owned).into();
+        let legacy = add_status_columns(Flavor::Legacy, &t, &old).expect("all six are missing");
+        assert_eq!(
+            legacy,
+            "ALTER TABLE `db`.`agent_status` ADD COLUMN drain_per_s Nullable(Float64), \
+             ADD COLUMN drain_eta_s Nullable(Float64), ADD COLUMN bytes_per_reading Nullable(Float64), \
+             ADD COLUMN ingest_present Nullable(UInt8), ADD COLUMN echo_held_batches Nullable(UInt64), \
+             ADD COLUMN echo_ahead_readings Nullable(UInt64)"
+        );
+        assert!(!legacy.contains("IF NOT EXISTS"), "18.16 refuses it: {legacy}");
+        let mut partly = old.clone();
+        partly.extend(["drain_per_s", "drain_eta_s", "bytes_per_reading", "ingest_present"].map(str::to_owned));
+        assert_eq!(
+            add_status_columns(Flavor::Current, &t, &partly).as_deref(),
+            Some(
+                "ALTER TABLE `db`.`agent_status` ADD COLUMN IF NOT EXISTS echo_held_batches Nullable(UInt64), \
+                 ADD COLUMN IF NOT EXISTS echo_ahead_readings Nullable(UInt64)"
+            )
+        );
+        partly.extend(ADDED_STATUS_COLUMNS.map(|(name, _)| name.to_owned()));
+        assert_eq!(add_status_columns(Flavor::Legacy, &t, &partly), None);
+        assert_eq!(add_status_columns(Flavor::Current, &t, &partly), None);
     }
 
     #[test]

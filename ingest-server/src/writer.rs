@@ -66,7 +66,9 @@ pub struct StoredRange {
     pub last_seq: u64,
 }
 
-/// The `agent_status` row.
+/// The `agent_status` row. The optional fields are `Nullable` columns
+/// (`NULL`: the agent did not send the field; see
+/// [`crate::schema::ADDED_STATUS_COLUMNS`]).
 #[derive(Debug, Row, Serialize)]
 struct StatusRow<'a> {
     client_id: &'a str,
@@ -78,6 +80,12 @@ struct StatusRow<'a> {
     confirmed_per_s: f64,
     connected: u8,
     received_at: u32,
+    drain_per_s: Option<f64>,
+    drain_eta_s: Option<f64>,
+    bytes_per_reading: Option<f64>,
+    ingest_present: Option<u8>,
+    echo_held_batches: Option<u64>,
+    echo_ahead_readings: Option<u64>,
 }
 
 /// The ClickHouse writer shared by all insert tasks.
@@ -179,6 +187,12 @@ impl Writer {
                     confirmed_per_s: finite(status.confirmed_per_s),
                     connected: u8::from(status.connected),
                     received_at: *received_at,
+                    drain_per_s: status.drain_per_s.filter(|v| v.is_finite()),
+                    drain_eta_s: status.drain_eta_s.filter(|v| v.is_finite()),
+                    bytes_per_reading: status.bytes_per_reading.filter(|v| v.is_finite()),
+                    ingest_present: status.ingest_present.map(u8::from),
+                    echo_held_batches: status.echo_held_batches,
+                    echo_ahead_readings: status.echo_ahead_readings,
                 })
                 .await?;
         }

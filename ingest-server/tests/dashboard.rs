@@ -24,6 +24,13 @@ use telemetry_wire::{AgentStatus, Batch, Reading};
 const HTML_SENSOR: &str = "<i>x</i>";
 /// A client with data only from three hours ago.
 const OLD_CLIENT: &str = "dash-old";
+/// An agent of an older release: its status lacks every optional field.
+const OLD_AGENT: &str = "dash-c";
+/// An agent whose outbox has rows and is not shrinking.
+const STALLED_AGENT: &str = "dash-d";
+/// The optional status fields, absent from older agents.
+const OPTIONAL_STATUS_FIELDS: [&str; 6] =
+    ["drain_per_s", "drain_eta_s", "bytes_per_reading", "ingest_present", "echo_held_batches", "echo_ahead_readings"];
 
 // ---- fixture ---------------------------------------------------------------------
 
@@ -34,6 +41,8 @@ struct Seeded {
     agent: Agent,
     http: String,
     readings: u64,
+    /// The retained statuses published, one per agent.
+    statuses: Vec<AgentStatus>,
 }
 
 fn now_ms() -> i64 {
@@ -93,6 +102,41 @@ fn status(client_id: &str, outbox_rows: u64, oldest_age_s: f64, rate: f64, conne
     }
 }
 
+/// The agents' statuses: every kind of backlog outlook the fleet table shows.
+fn statuses() -> Vec<AgentStatus> {
+    vec![
+        // Echo mode, an ingest server announced, the backlog draining.
+        AgentStatus {
+            drain_per_s: Some(0.1),
+            drain_eta_s: Some(120.0),
+            bytes_per_reading: Some(9.5),
+            ingest_present: Some(true),
+            echo_held_batches: Some(0),
+            echo_ahead_readings: Some(1200),
+            ..status("dash-a", 12, 0.4, 1.5, true)
+        },
+        // Ingest mode (no echo fields), the outbox empty.
+        AgentStatus {
+            drain_per_s: Some(0.0),
+            drain_eta_s: Some(0.0),
+            bytes_per_reading: Some(31.5),
+            ..status("dash-b", 0, 0.0, 2.1, true)
+        },
+        // An older agent, which sends none of the optional fields: offline with a backlog.
+        status(OLD_AGENT, 5321, 842.0, 0.0, false),
+        // Echo mode, no ingest server announced: batches held, the outbox growing.
+        AgentStatus {
+            drain_per_s: Some(-2.5),
+            drain_eta_s: None,
+            bytes_per_reading: Some(12.0),
+            ingest_present: Some(false),
+            echo_held_batches: Some(3),
+            echo_ahead_readings: Some(6000),
+            ..status(STALLED_AGENT, 800, 65.0, 2.5, true)
+        },
+    ]
+}
+
 impl Seeded {
     async fn start() -> Option<Self> {
         let world = World::new()?;
@@ -129,13 +173,9 @@ impl Seeded {
         agent
             .publish(&[Batch { client_id: OLD_CLIENT.into(), epoch: 1, first_seq: 1, last_seq: 10, readings: old }])
             .await;
-        // Retained statuses, as agents publish them; one agent is offline with a backlog.
-        let statuses = [
-            status("dash-a", 12, 0.4, 1.5, true),
-            status("dash-b", 0, 0.0, 2.1, true),
-            status("dash-c", 5321, 842.0, 0.0, false),
-        ];
-        for s in statuses {
+        // Retained statuses, as agents publish them: see `statuses`.
+        let statuses = statuses();
+        for s in &statuses {
             let topic = format!("{}/status/{}", world.prefix, s.client_id);
             agent.client.publish(topic, QoS::AtLeastOnce, true, s.encode()).await.expect("queue status");
         }
@@ -145,19 +185,20 @@ impl Seeded {
         world.wait_stored(total, Duration::from_secs(60)).await;
         let m = server.metrics.clone();
         harness::wait_for("statuses and dead letter stored", Duration::from_secs(30), || {
-            m.received_messages.get_or_create(&ingest_server::metrics::KindLabel { kind: "status".into() }).get() == 3
+            m.received_messages.get_or_create(&ingest_server::metrics::KindLabel { kind: "status".into() }).get()
+                == statuses.len() as u64
                 && m.dead_letters_total() == 1
                 && m.unacked_messages.get() == 0
         })
         .await;
-        assert_eq!(world.count("SELECT count() FROM DB.agent_status FINAL").await, 3);
-        Some(Self { world, server, agent, http, readings: total })
+        assert_eq!(world.count("SELECT count() FROM DB.agent_status FINAL").await, statuses.len() as u64);
+        Some(Self { world, server, agent, http, readings: total, statuses })
     }
 
     async fn stop(self) {
         // Clear the retained statuses so the broker does not keep them.
-        for client_id in ["dash-a", "dash-b", "dash-c"] {
-            let topic = format!("{}/status/{client_id}", self.world.prefix);
+        for s in &self.statuses {
+            let topic = format!("{}/status/{}", self.world.prefix, s.client_id);
             self.agent.client.publish(topic, QoS::AtLeastOnce, true, Vec::new()).await.expect("queue clear");
         }
         self.agent.flushed().await;
@@ -339,7 +380,7 @@ async fn api_numbers_match_clickhouse() {
     assert_eq!(window_s, 120);
     let by_id: BTreeMap<&str, &Value> =
         clients["clients"].as_array().unwrap().iter().map(|c| (c["client_id"].as_str().unwrap(), c)).collect();
-    assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), ["dash-a", "dash-b", "dash-c", OLD_CLIENT]);
+    assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), ["dash-a", "dash-b", OLD_AGENT, STALLED_AGENT, OLD_CLIENT]);
     assert_eq!(by_id[OLD_CLIENT]["recent_readings"], 0);
     assert_eq!(by_id[OLD_CLIENT]["sensors"], serde_json::json!(["flow"]));
     let old_last = seeded.raw_recent(OLD_CLIENT, 0).await.1.div_euclid(60_000_000) * 60_000;
@@ -362,10 +403,45 @@ async fn api_numbers_match_clickhouse() {
     }
     assert_eq!(by_id["dash-a"]["sensors"], serde_json::json!(["pressure", "temperature"]));
     assert_eq!(by_id["dash-a"]["status"]["outbox_rows"], 12);
-    assert_eq!(by_id["dash-c"]["status"]["outbox_rows"], 5321);
-    assert_eq!(by_id["dash-c"]["status"]["connected"], false);
-    assert_eq!(by_id["dash-c"]["recent_readings"], 0);
-    assert!(by_id["dash-c"]["last_seen_ms"].as_i64().unwrap() > now_ms - 60_000);
+    assert_eq!(by_id[OLD_AGENT]["status"]["outbox_rows"], 5321);
+    assert_eq!(by_id[OLD_AGENT]["status"]["connected"], false);
+    assert_eq!(by_id[OLD_AGENT]["recent_readings"], 0);
+    assert!(by_id[OLD_AGENT]["last_seen_ms"].as_i64().unwrap() > now_ms - 60_000);
+    assert_eq!(by_id[OLD_CLIENT]["status"], Value::Null, "no status at all");
+    // The backlog outlook and echo state round-trip from each published
+    // status: a field the agent sent is its value, one it left out is an
+    // explicit null.
+    for sent in &seeded.statuses {
+        let id = sent.client_id.as_str();
+        let shown = by_id[id]["status"].as_object().unwrap_or_else(|| panic!("{id}: a status"));
+        let sent_json = serde_json::to_value(sent).unwrap();
+        for field in OPTIONAL_STATUS_FIELDS {
+            let want = sent_json.get(field).cloned().unwrap_or(Value::Null);
+            assert_eq!(shown.get(field), Some(&want), "{id}: {field}");
+        }
+    }
+    let a = &by_id["dash-a"]["status"];
+    assert_eq!(
+        (&a["drain_per_s"], &a["drain_eta_s"], &a["bytes_per_reading"]),
+        (&serde_json::json!(0.1), &serde_json::json!(120.0), &serde_json::json!(9.5))
+    );
+    assert_eq!(
+        (&a["ingest_present"], &a["echo_held_batches"], &a["echo_ahead_readings"]),
+        (&Value::Bool(true), &serde_json::json!(0), &serde_json::json!(1200))
+    );
+    let stalled = &by_id[STALLED_AGENT]["status"];
+    assert_eq!((&stalled["drain_per_s"], &stalled["drain_eta_s"]), (&serde_json::json!(-2.5), &Value::Null));
+    assert_eq!(stalled["ingest_present"], false);
+    assert_eq!(by_id["dash-b"]["status"]["echo_ahead_readings"], Value::Null, "ingest mode: no echo fields");
+    for field in OPTIONAL_STATUS_FIELDS {
+        assert_eq!(by_id[OLD_AGENT]["status"][field], Value::Null, "older agent: {field}");
+    }
+    // ...stored as NULL, not as a stand-in value.
+    let nulls = format!(
+        "SELECT count() FROM DB.agent_status FINAL WHERE client_id = '{OLD_AGENT}' AND {}",
+        OPTIONAL_STATUS_FIELDS.map(|f| format!("isNull({f})")).join(" AND ")
+    );
+    assert_eq!(seeded.world.count(&nulls).await, 1);
 
     // A late reading in a minute that is already folded in, marked by a peer
     // server (whose marker this server leaves alone for rollup_orphan_secs):
@@ -498,8 +574,16 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
         r = tables.readings
     ));
     setup.push(format!(
+        "INSERT INTO {} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected, received_at,
+         drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings)
+         VALUES ('a', 1, 7, 8, 0.5, 1.0, 1.0, 1, now(), NULL, NULL, NULL, NULL, NULL, NULL),
+                ('a', 2, 9, 8, 0.5, 1.0, 1.0, 1, now(), -2.5, NULL, 9.75, 0, 3, 6000)",
+        tables.agent_status
+    ));
+    // An older agent's status: the optional columns left out.
+    setup.push(format!(
         "INSERT INTO {} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected, received_at)
-         VALUES ('a', 1, 7, 8, 0.5, 1.0, 1.0, 1, now()), ('a', 2, 9, 8, 0.5, 1.0, 1.0, 1, now())",
+         VALUES ('b', 1, 3, 8, 0.5, 1.0, 1.0, 0, now())",
         tables.agent_status
     ));
     setup.push(format!(
@@ -529,6 +613,8 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
         (queries::rollup_clients(&c, &tables, now_s, 10), "a\t['s']\t"),
         (queries::recent_clients(&c, &tables, flavor, from_s), &recent),
         (queries::statuses(&c, &tables, 10), "a\t2\t9\t"),
+        (queries::statuses(&c, &tables, 10), "\t-2.5\t\\N\t9.75\t0\t3\t6000\nb\t1\t3\t"),
+        (queries::statuses(&c, &tables, 10), "\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n"),
         (queries::series(&c, &tables, flavor, "a", Some("s"), now_s - 3600, &[]), "s\t"),
         (queries::averages(&c, &tables, flavor, "a", None, now_us), &averages),
         (queries::latest(&c, &tables, flavor, "a", None, from_s * 1_000_000), "s\t1\t"),
@@ -664,6 +750,36 @@ fn tags(html: &str) -> Vec<Tag> {
     out
 }
 
+/// The fleet table's cell `col` (its `data-col`) in the row of `client`: its
+/// start tag and its text (tags stripped, entities decoded).
+fn fleet_cell(dom: &str, client: &str, col: &str) -> (Tag, String) {
+    let table = dom.find(r#"id="fleet-table""#).expect("the fleet table");
+    let table_end = table + dom[table..].find("</table>").expect("the fleet table's end");
+    let row = table
+        + dom[table..table_end]
+            .find(&format!(r#"data-client="{client}""#))
+            .unwrap_or_else(|| panic!("fleet row {client}"));
+    let row_end = row + dom[row..].find("</tr>").expect("the row's end");
+    let attr =
+        row + dom[row..row_end].find(&format!(r#"data-col="{col}""#)).unwrap_or_else(|| panic!("{client}: {col}"));
+    let start = dom[..attr].rfind("<td").expect("a cell");
+    let open_end = attr + dom[attr..].find('>').expect("the cell's start tag") + 1;
+    let close = open_end + dom[open_end..].find("</td>").expect("the cell's end");
+    let tag = tags(&dom[start..open_end]).pop().expect("the cell's tag");
+    let mut text = String::new();
+    let mut in_tag = false;
+    for ch in dom[open_end..close].chars() {
+        match ch {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    let text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&nbsp;", "\u{a0}").replace("&amp;", "&");
+    (tag, text)
+}
+
 /// The tags named `name` that satisfy `pred`.
 fn find<'a>(tags: &'a [Tag], name: &str, pred: &dyn Fn(&Tag) -> bool) -> Vec<&'a Tag> {
     tags.iter().filter(|t| t.name == name && pred(t)).collect()
@@ -709,7 +825,7 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
     assert_eq!(from_ms, (now_ms - window_s * 1000).div_euclid(60_000) * 60_000, "whole minutes");
     let rows: Vec<&Tag> = find("tr", &|t| t.attr("data-client").is_some());
     let row = |id: &str| *rows.iter().find(|r| r.attr("data-client") == Some(id)).unwrap_or_else(|| panic!("row {id}"));
-    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows.len(), 5, "{rows:?}");
     for id in ["dash-a", "dash-b"] {
         let (n, last) = seeded.raw_recent(id, from_ms * 1000).await;
         assert!(n > 0);
@@ -718,8 +834,44 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
         assert!(row(id).num("data-last-seen-ms") >= (last.div_euclid(60_000_000) * 60_000) as f64, "{id}");
     }
     assert_eq!(row("dash-a").num("data-outbox-rows"), 12.0);
-    assert_eq!(row("dash-c").num("data-outbox-rows"), 5321.0);
-    assert_eq!(row("dash-c").attr("data-connected"), Some("0"));
+    assert_eq!(row(OLD_AGENT).num("data-outbox-rows"), 5321.0);
+    assert_eq!(row(OLD_AGENT).attr("data-connected"), Some("0"));
+
+    // The backlog outlook and echo state: the row's data-* attributes carry
+    // the published numbers (absent when the agent did not send them), its
+    // cells show them for people.
+    for sent in &seeded.statuses {
+        let r = row(&sent.client_id);
+        let id = &sent.client_id;
+        let as_attr = |v: Option<f64>| v.map(|v| v.to_string());
+        assert_eq!(r.attr("data-drain-per-s").map(str::to_owned), as_attr(sent.drain_per_s), "{id}");
+        assert_eq!(r.attr("data-drain-eta-s").map(str::to_owned), as_attr(sent.drain_eta_s), "{id}");
+        assert_eq!(r.attr("data-bytes-per-reading").map(str::to_owned), as_attr(sent.bytes_per_reading), "{id}");
+        assert_eq!(
+            r.attr("data-ingest-present").map(str::to_owned),
+            sent.ingest_present.map(|p| u8::from(p).to_string())
+        );
+        assert_eq!(r.attr("data-echo-held-batches").map(str::to_owned), sent.echo_held_batches.map(|n| n.to_string()));
+        assert_eq!(
+            r.attr("data-echo-ahead-readings").map(str::to_owned),
+            sent.echo_ahead_readings.map(|n| n.to_string())
+        );
+    }
+    let shown = |client: &str| -> Vec<String> {
+        ["outbox-rows", "drain", "drain-eta", "bytes-per-reading", "echo"]
+            .map(|col| fleet_cell(&dom, client, col).1)
+            .into()
+    };
+    assert_eq!(shown("dash-a"), ["12", "0.1 /s", "2.0 min", "9.5 B", "ingest · 0 held · 1,200 ahead"]);
+    assert_eq!(shown("dash-b"), ["0", "0.0 /s", "–", "31.5 B", "–"], "ingest mode, nothing to drain");
+    assert_eq!(shown(OLD_AGENT), ["5,321", "–", "–", "–", "–"], "an older agent: unknown");
+    assert_eq!(shown(STALLED_AGENT), ["800", "-2.5 /s", "stalled", "12.0 B", "no ingest · 3 held · 6,000 ahead"]);
+    assert_eq!(shown(OLD_CLIENT), ["–", "–", "–", "–", "–"], "no status at all");
+    let class = |client: &str, col: &str| fleet_cell(&dom, client, col).0.attr("class").unwrap_or_default().to_owned();
+    assert_eq!(class(STALLED_AGENT, "drain-eta"), "bad", "stalled is marked");
+    assert_eq!(class(STALLED_AGENT, "echo"), "bad", "no ingest server is marked");
+    assert_eq!(class("dash-a", "drain-eta"), "", "a draining backlog is not");
+    assert_eq!(class("dash-a", "echo"), "", "nor echo mode with an ingest server and nothing held");
 
     // One chart per client and sensor: its minutes and numbers equal the raw
     // data's, and it drew one bar per minute and a mean line.

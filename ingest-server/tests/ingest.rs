@@ -136,13 +136,53 @@ async fn malformed_payloads_are_dead_lettered_and_ingest_continues() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_status_messages_are_stored() {
-    let Some(world) = World::new() else { return };
-    let server = Server::start(world.config()).await;
-    let status = telemetry_wire::AgentStatus {
+/// An `agent_status` row with the fields an agent may leave out.
+#[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
+struct StoredStatus {
+    client_id: String,
+    outbox_rows: u64,
+    connected: u8,
+    drain_per_s: Option<f64>,
+    drain_eta_s: Option<f64>,
+    bytes_per_reading: Option<f64>,
+    ingest_present: Option<u8>,
+    echo_held_batches: Option<u64>,
+    echo_ahead_readings: Option<u64>,
+}
+
+impl StoredStatus {
+    /// What an agent status without the optional fields is stored as.
+    fn old(client_id: &str, outbox_rows: u64, connected: u8) -> Self {
+        Self {
+            client_id: client_id.into(),
+            outbox_rows,
+            connected,
+            drain_per_s: None,
+            drain_eta_s: None,
+            bytes_per_reading: None,
+            ingest_present: None,
+            echo_held_batches: None,
+            echo_ahead_readings: None,
+        }
+    }
+
+    /// The latest row per agent.
+    async fn all(world: &World) -> Vec<Self> {
+        let sql = format!(
+            "SELECT client_id, outbox_rows, connected, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present,
+                    echo_held_batches, echo_ahead_readings
+             FROM `{}`.agent_status FINAL ORDER BY client_id",
+            world.database
+        );
+        world.ch().query(&sql).fetch_all().await.expect("read agent_status")
+    }
+}
+
+/// A status of a current agent in echo mode, with every optional field.
+fn echo_status(client_id: &str) -> telemetry_wire::AgentStatus {
+    telemetry_wire::AgentStatus {
         version: telemetry_wire::status::STATUS_VERSION,
-        client_id: "dev-s".into(),
+        client_id: client_id.into(),
         ts: harness::BASE_TS,
         outbox_rows: 42,
         outbox_bytes: 4200,
@@ -150,19 +190,123 @@ async fn agent_status_messages_are_stored() {
         received_per_s: 100.0,
         confirmed_per_s: 99.0,
         connected: true,
-        ..Default::default()
-    };
-    let json = String::from_utf8(status.encode()).expect("json is utf-8");
-    harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-m", &json]);
+        drain_per_s: Some(12.5),
+        drain_eta_s: Some(3.36),
+        bytes_per_reading: Some(9.75),
+        ingest_present: Some(false),
+        echo_held_batches: Some(3),
+        echo_ahead_readings: Some(6000),
+    }
+}
+
+/// Publishes `json` as `client_id`'s retained status.
+fn publish_status(world: &World, client_id: &str, json: &str) {
+    harness::mosquitto_pub(world, &format!("{}/status/{client_id}", world.prefix), &["-r", "-m", json]);
+}
+
+/// Clears `client_id`'s retained status so the broker does not keep it.
+fn clear_status(world: &World, client_id: &str) {
+    harness::mosquitto_pub(world, &format!("{}/status/{client_id}", world.prefix), &["-r", "-n"]);
+}
+
+/// Waits until `agent_status` holds exactly `want` (latest row per agent).
+async fn wait_statuses(world: &World, want: &[StoredStatus]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while world.count("SELECT count() FROM DB.agent_status FINAL WHERE client_id = 'dev-s' AND outbox_rows = 42").await
-        != 1
-    {
-        assert!(std::time::Instant::now() < deadline, "status not stored");
+    loop {
+        let stored = StoredStatus::all(world).await;
+        if stored == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "statuses stored: {stored:#?}, want {want:#?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Clear the retained message so the broker does not keep it.
-    harness::mosquitto_pub(&world, &format!("{}/status/dev-s", world.prefix), &["-r", "-n"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_messages_are_stored() {
+    let Some(world) = World::new() else { return };
+    let server = Server::start(world.config()).await;
+    // A current agent in echo mode sends every field; an older agent (its
+    // JSON as such an agent wrote it) none of the optional ones: NULL.
+    publish_status(&world, "dev-s", &String::from_utf8(echo_status("dev-s").encode()).expect("json is utf-8"));
+    let old = r#"{"version":1,"client_id":"dev-o","ts":1700000000000000,"outbox_rows":7,"outbox_bytes":336,
+        "oldest_age_s":0.8,"received_per_s":10.0,"confirmed_per_s":9.0,"connected":false}"#;
+    publish_status(&world, "dev-o", old);
+    let current = StoredStatus {
+        client_id: "dev-s".into(),
+        outbox_rows: 42,
+        connected: 1,
+        drain_per_s: Some(12.5),
+        drain_eta_s: Some(3.36),
+        bytes_per_reading: Some(9.75),
+        ingest_present: Some(0),
+        echo_held_batches: Some(3),
+        echo_ahead_readings: Some(6000),
+    };
+    wait_statuses(&world, &[StoredStatus::old("dev-o", 7, 0), current]).await;
+    assert_eq!(server.metrics.dead_letters_total(), 0);
+    clear_status(&world, "dev-s");
+    clear_status(&world, "dev-o");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_table_from_an_older_release_gains_the_new_columns_at_start() {
+    use ingest_server::schema::{self, Flavor, Tables, ADDED_STATUS_COLUMNS};
+    let Some(world) = World::new() else { return };
+    let ch = world.ch();
+    let db = &world.database;
+    // The table as the release before created it, with a row of that time.
+    ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{db}`")).execute().await.expect("create database");
+    ch.query(&format!(
+        "CREATE TABLE `{db}`.agent_status (client_id String, ts Int64, outbox_rows UInt64, outbox_bytes UInt64,
+         oldest_age_s Float64, received_per_s Float64, confirmed_per_s Float64, connected UInt8, received_at DateTime)
+         ENGINE = ReplacingMergeTree(ts) ORDER BY client_id"
+    ))
+    .execute()
+    .await
+    .expect("the old table");
+    ch.query(&format!("INSERT INTO `{db}`.agent_status VALUES ('dev-before', 1, 5, 240, 2.0, 1.0, 1.0, 1, now())"))
+        .execute()
+        .await
+        .expect("an old row");
+    // Two servers' schema steps at once, as when servers are upgraded
+    // together: both succeed, whichever adds the columns.
+    let client = ingest_server::store::client(&world.config());
+    let (_, flavor) = schema::detect(&client).await.expect("version");
+    assert_eq!(flavor, Flavor::Legacy, "the stack runs 18.16, which has no ADD COLUMN IF NOT EXISTS");
+    let tables = Tables::new(db);
+    let (a, b) = tokio::join!(schema::ensure(&client, flavor, &tables, 0), schema::ensure(&client, flavor, &tables, 0));
+    a.expect("first schema step");
+    b.expect("second schema step");
+    let columns: Vec<(String, String)> = ch
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = 'agent_status'")
+        .bind(db.as_str())
+        .fetch_all()
+        .await
+        .expect("columns");
+    for (name, ty) in ADDED_STATUS_COLUMNS {
+        assert!(columns.contains(&(name.to_owned(), ty.to_owned())), "{name} {ty} added: {columns:?}");
+    }
+    assert_eq!(columns.len(), 9 + ADDED_STATUS_COLUMNS.len(), "{columns:?}");
+    // The old row reads as "not sent"; a server (a third start: nothing to
+    // add) stores a current agent's fields beside it.
+    wait_statuses(&world, &[StoredStatus::old("dev-before", 5, 1)]).await;
+    let server = Server::start(world.config()).await;
+    publish_status(&world, "dev-new", &String::from_utf8(echo_status("dev-new").encode()).expect("json is utf-8"));
+    let new = StoredStatus {
+        client_id: "dev-new".into(),
+        outbox_rows: 42,
+        connected: 1,
+        drain_per_s: Some(12.5),
+        drain_eta_s: Some(3.36),
+        bytes_per_reading: Some(9.75),
+        ingest_present: Some(0),
+        echo_held_batches: Some(3),
+        echo_ahead_readings: Some(6000),
+    };
+    wait_statuses(&world, &[StoredStatus::old("dev-before", 5, 1), new]).await;
+    clear_status(&world, "dev-new");
     server.stop().await;
 }
 
@@ -804,6 +948,56 @@ fn current_clickhouse_schema_runs_in_chdb() {
 }
 
 #[test]
+fn an_older_status_table_gains_the_new_columns_on_current_clickhouse_in_chdb() {
+    use ingest_server::schema::{add_status_columns, Flavor, Tables};
+    if !harness::has_chdb() {
+        return;
+    }
+    let tables = Tables::new("telemetry");
+    let t = &tables.agent_status;
+    let old: Vec<String> = [
+        "client_id",
+        "ts",
+        "outbox_rows",
+        "outbox_bytes",
+        "oldest_age_s",
+        "received_per_s",
+        "confirmed_per_s",
+        "connected",
+        "received_at",
+    ]
+    .map(str::to_owned)
+    .into();
+    let alter = add_status_columns(Flavor::Current, &tables, &old).expect("all six to add");
+    let statements = vec![
+        "CREATE DATABASE telemetry".to_owned(),
+        // The table as the current flavour's release before created it, with a row of that time.
+        format!(
+            "CREATE TABLE {t} (client_id String, ts Int64, outbox_rows UInt64, outbox_bytes UInt64, oldest_age_s Float64,
+             received_per_s Float64, confirmed_per_s Float64, connected UInt8, received_at DateTime('UTC'))
+             ENGINE = ReplacingMergeTree(ts) ORDER BY client_id"
+        ),
+        format!("INSERT INTO {t} VALUES ('old', 1, 5, 240, 2.0, 1.0, 1.0, 1, now())"),
+        alter.clone(),
+        // Again, as a server that read the columns at the same time would: a no-op.
+        alter,
+        format!(
+            "INSERT INTO {t} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s,
+             connected, received_at, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches,
+             echo_ahead_readings) VALUES ('new', 2, 42, 4200, 1.5, 1.0, 1.0, 1, now(), 12.5, 3.36, 9.75, 0, 3, 6000)"
+        ),
+        format!(
+            "SELECT client_id, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches,
+             echo_ahead_readings, toTypeName(echo_ahead_readings) FROM {t} FINAL ORDER BY client_id"
+        ),
+    ];
+    assert_eq!(
+        harness::run_chdb(&statements),
+        "new\t12.5\t3.36\t9.75\t0\t3\t6000\tNullable(UInt64)\nold\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\tNullable(UInt64)\n"
+    );
+}
+
+#[test]
 fn current_clickhouse_refuses_an_insert_over_100_partitions_and_takes_the_split_ones() {
     use ingest_server::schema::{ddl, Flavor, Tables};
     use ingest_server::writer::MAX_PARTITIONS_PER_INSERT;
@@ -958,6 +1152,17 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
         .publish(format!("{}/status/rb-1", world.prefix), rumqttc::QoS::AtLeastOnce, false, status.as_bytes().to_vec())
         .await
         .unwrap();
+    // A current agent's status: the Nullable columns, each set.
+    agent
+        .client
+        .publish(
+            format!("{}/status/rb-2", world.prefix),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            echo_status("rb-2").encode(),
+        )
+        .await
+        .unwrap();
     agent.flushed().await;
     agent.wait_acked("rb-1", &[range(7, 1, 30)], Duration::from_secs(20)).await;
     server.stop().await;
@@ -987,6 +1192,9 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
         ("the dedup load", "FROM `telemetry`.`ingested_ranges`"),
         ("the rollup pass's read", "`telemetry`.`rollup_queue`"),
         ("the ranges' expiry", "system.parts"),
+        ("the status columns' check", "system.columns"),
+        // The stand-in lists no columns, so all are added; chdb runs it over the current DDL below.
+        ("the status columns' upgrade", "ADD COLUMN IF NOT EXISTS echo_ahead_readings Nullable(UInt64)"),
     ] {
         assert!(statements.iter().any(|s| s.contains(needle)), "{what} was captured: {statements:#?}");
     }
@@ -999,7 +1207,9 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
             "SELECT client_id, toUInt32(minute), pending, owner != '' FROM telemetry.rollup_queue WHERE pending != 0 ORDER BY minute",
             "SELECT client_id, epoch, first_seq, last_seq FROM telemetry.ingested_ranges",
             "SELECT client_id, reason, length(payload) FROM telemetry.ingest_errors",
-            "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, connected FROM telemetry.agent_status",
+            "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, connected, drain_per_s, drain_eta_s,
+                    bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings
+             FROM telemetry.agent_status ORDER BY client_id",
         ],
     });
     let spec_file = dir.join("spec.json");
@@ -1021,5 +1231,13 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
     assert_eq!(results[1], want_markers, "one marker per minute touched");
     assert_eq!(results[2], "rb-1\t7\t1\t30\n", "the stored range");
     assert_eq!(results[3], "rb-1\ttruncated\t8\n", "the dead letter");
-    assert_eq!(results[4], "rb-1\t1700000000000000\t3\t4\t0.5\t1\n", "the agent status");
+    assert_eq!(
+        results[4],
+        format!(
+            "rb-1\t1700000000000000\t3\t4\t0.5\t1\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n\
+             rb-2\t{}\t42\t4200\t1.5\t1\t12.5\t3.36\t9.75\t0\t3\t6000\n",
+            harness::BASE_TS
+        ),
+        "the agent statuses: an older agent's (NULLs) and a current one's"
+    );
 }

@@ -2,7 +2,7 @@
 //!
 //! | endpoint | parameters | answer |
 //! | --- | --- | --- |
-//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected) |
+//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected; drain rate and ETA, bytes per reading and, in echo mode, ingest presence, held batches and echo-ahead readings, each `null` when the agent did not send it) |
 //! | `GET /api/series` | `client_id` (required), `sensor` (optional: all), `minutes` (1..=1440, default 60) | the 1-minute rollup: count, avg, min, max per minute |
 //! | `GET /api/averages` | `client_id` (required), `sensor` (optional) | per sensor: count and mean of the deduplicated readings over the whole minutes since the start of the minute 1, 5 and 30 minutes ago (`from_ms` per window; from the rollup, raw rows only for minutes not folded yet), and the latest value (raw rows of its last minute) |
 //! | `GET /api/health` | none | the server's own counters: received, stored, duplicates, dead letters, insert latency, unacked; ClickHouse reachability |
@@ -235,6 +235,23 @@ pub struct StatusView {
     pub confirmed_per_s: f64,
     /// Connected to the broker.
     pub connected: bool,
+    /// Net outbox rows leaving per second lately, smoothed (negative: the
+    /// backlog grows). Here and below `null` when the agent did not send the
+    /// field (older agents).
+    pub drain_per_s: Option<f64>,
+    /// Seconds until the outbox is empty at that rate (0 when empty); `null`
+    /// also while it is not shrinking.
+    pub drain_eta_s: Option<f64>,
+    /// Payload bytes on the wire per reading published (`null` also before
+    /// the agent's first publish).
+    pub bytes_per_reading: Option<f64>,
+    /// Echo mode: whether an ingest server announces a durable subscription
+    /// (`null` also in ingest mode, like the other echo fields).
+    pub ingest_present: Option<bool>,
+    /// Echo mode: batches echoed while none was announced, held in the outbox.
+    pub echo_held_batches: Option<u64>,
+    /// Echo mode: readings echoed and not yet acked by an ingest server.
+    pub echo_ahead_readings: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -306,6 +323,12 @@ impl Api {
                 received_per_s: s.received_per_s,
                 confirmed_per_s: s.confirmed_per_s,
                 connected: s.connected != 0,
+                drain_per_s: s.drain_per_s,
+                drain_eta_s: s.drain_eta_s,
+                bytes_per_reading: s.bytes_per_reading,
+                ingest_present: s.ingest_present.map(|p| p != 0),
+                echo_held_batches: s.echo_held_batches,
+                echo_ahead_readings: s.echo_ahead_readings,
             });
         }
         let clients = by_id.into_values().take(limit as usize).collect();

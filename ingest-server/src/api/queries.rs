@@ -115,13 +115,29 @@ pub struct StatusRow {
     pub connected: u8,
     /// When the ingest server stored it, Unix seconds.
     pub received_at: u32,
+    /// Net outbox rows leaving per second lately (negative: growing); `None`
+    /// when the agent did not send it (here and below: older agents, or a
+    /// row stored before the column existed).
+    pub drain_per_s: Option<f64>,
+    /// Seconds until its outbox is empty at that rate; `None` also while it
+    /// is not shrinking.
+    pub drain_eta_s: Option<f64>,
+    /// Payload bytes on the wire per reading published.
+    pub bytes_per_reading: Option<f64>,
+    /// Echo mode: 1 when an ingest server announces a durable subscription.
+    pub ingest_present: Option<u8>,
+    /// Echo mode: batches echoed while none was announced, held in the outbox.
+    pub echo_held_batches: Option<u64>,
+    /// Echo mode: readings echoed, not yet acked by an ingest server.
+    pub echo_ahead_readings: Option<u64>,
 }
 
 /// The latest status of every agent.
 pub fn statuses(client: &Client, tables: &Tables, limit: u32) -> Query {
     let sql = format!(
         "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected,
-       toUInt32(received_at) AS received
+       toUInt32(received_at) AS received, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present,
+       echo_held_batches, echo_ahead_readings
 FROM {t} FINAL ORDER BY client_id LIMIT ?",
         t = tables.agent_status
     );
