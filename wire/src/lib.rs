@@ -15,6 +15,7 @@
 //! - [`batch`]: the MQTT payload an agent publishes for a range of outbox rows.
 //! - [`ack`]: the MQTT payload the ingest server publishes for stored ranges.
 //! - [`status`]: the retained agent status message (JSON) for dashboards.
+//! - [`command`]: remote commands to agents and their replies (JSON).
 //!
 //! # Conventions
 //! Every binary payload starts with one format version byte, then bincode
@@ -27,6 +28,7 @@ pub mod ack;
 pub mod batch;
 mod bounds;
 mod codec;
+pub mod command;
 mod error;
 pub mod frame;
 pub mod json;
@@ -36,6 +38,7 @@ pub mod status;
 pub use ack::{IngestAck, SeqRange};
 pub use batch::Batch;
 pub use codec::{bincode_config, BincodeConfig, MAX_PAYLOAD_BYTES};
+pub use command::{Command, CommandError, CommandName, ErrorKind, Reply};
 pub use error::DecodeError;
 pub use frame::{AckFrameCodec, FrameError, SensorFrameCodec, DEFAULT_MAX_FRAME_BYTES};
 pub use json::JsonError;
