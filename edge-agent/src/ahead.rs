@@ -38,6 +38,12 @@ impl EchoAhead {
         Self { entries: BTreeMap::new(), readings: 0, bytes: 0, max_readings, max_bytes }
     }
 
+    /// New limits (a configuration reload); what is tracked stays.
+    pub fn set_limits(&mut self, max_readings: u64, max_bytes: u64) {
+        self.max_readings = max_readings;
+        self.max_bytes = max_bytes;
+    }
+
     /// Readings echoed and not acked.
     #[must_use]
     pub fn readings(&self) -> u64 {

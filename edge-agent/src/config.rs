@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use telemetry_settings::{ConfigError, Secret};
 
 /// Which stream encoding a listener accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CodecChoice {
     /// Detect from the first bytes: a binary frame's 4th byte is 0 (frames
@@ -60,6 +60,12 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -68,7 +74,7 @@ impl<'de> Deserialize<'de> for ListenAddr {
 }
 
 /// What a row in the outbox waits for before it is deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ConfirmMode {
     /// The broker routed the batch back to us on our own topic.
@@ -78,7 +84,7 @@ pub enum ConfirmMode {
 }
 
 /// How batches are encoded on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     /// Plain bincode (version 1): every ingest server reads it.
@@ -89,7 +95,7 @@ pub enum Compression {
 }
 
 /// In what order the outbox is published again after a (re)connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplayOrder {
     /// The backlog first, oldest row first, then live readings.
@@ -102,7 +108,7 @@ pub enum ReplayOrder {
 }
 
 /// What happens when the outbox reaches its quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaPolicy {
     /// Stop reading sensor sockets until rows are confirmed (nothing lost).
@@ -113,7 +119,7 @@ pub enum QuotaPolicy {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -245,6 +251,11 @@ telemetry_settings::settings! {
     http_listen: String = "127.0.0.1:9101".into(), env "EDGE_AGENT_HTTP_LISTEN";
     /// Log format.
     log_format: LogFormat = LogFormat::Text, env "EDGE_AGENT_LOG_FORMAT", arg(value_enum);
+    /// Take remote commands on `<prefix>/cmd/<client_id>` (status, flush,
+    /// pause/resume intake, log level, reload) and answer on
+    /// `<prefix>/cmd-reply/<client_id>`. Who may send them is the broker's
+    /// ACL (see `deploy/mosquitto-acl.in`).
+    remote_commands: bool = true, env "EDGE_AGENT_REMOTE_COMMANDS";
 }
 
 impl Config {
@@ -332,6 +343,18 @@ impl Config {
     #[must_use]
     pub fn status_topic(&self) -> String {
         format!("{}/status/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// `<prefix>/cmd/<client_id>`: remote commands to this agent.
+    #[must_use]
+    pub fn command_topic(&self) -> String {
+        format!("{}/cmd/{}", self.topic_prefix, self.client_id)
+    }
+
+    /// `<prefix>/cmd-reply/<client_id>`: this agent's answers.
+    #[must_use]
+    pub fn command_reply_topic(&self) -> String {
+        format!("{}/cmd-reply/{}", self.topic_prefix, self.client_id)
     }
 
     /// Commit delay as a duration.

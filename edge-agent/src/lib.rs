@@ -26,6 +26,7 @@
 //! through one [`CancellationToken`].
 
 pub mod ahead;
+pub mod command;
 pub mod committer;
 pub mod config;
 pub mod confirm;
@@ -36,6 +37,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod publish_state;
 pub mod publisher;
+pub mod remote;
 pub mod shared;
 pub mod window;
 
@@ -99,7 +101,20 @@ impl Agent {
     /// # Errors
     /// Invalid configuration, unbindable listener, or cancellation before
     /// Postgres answered.
-    pub async fn start(mut config: Config, cancel: CancellationToken) -> Result<Self, AgentError> {
+    pub async fn start(config: Config, cancel: CancellationToken) -> Result<Self, AgentError> {
+        Self::start_with(config, remote::Controls::default(), cancel).await
+    }
+
+    /// [`Agent::start`], with what remote commands may change in the
+    /// process (its log filter, a reload of its configuration).
+    ///
+    /// # Errors
+    /// As [`Agent::start`].
+    pub async fn start_with(
+        mut config: Config,
+        controls: remote::Controls,
+        cancel: CancellationToken,
+    ) -> Result<Self, AgentError> {
         config.validate()?;
         config.resolve_secrets()?;
         // Before anything else starts, so that bad TLS files fail the start.
@@ -145,7 +160,7 @@ impl Agent {
             ),
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let io = Io { outbox, bound, http, mqtt };
+        let io = Io { outbox, bound, http, mqtt, controls };
         let task = tokio::spawn(run_tasks(config, state, io, shared.clone(), cancel.clone()));
         Ok(Self { listen_addrs, http_addr, shared, epoch: state.epoch, cancel, task })
     }
@@ -169,10 +184,11 @@ struct Io {
     bound: Vec<listener::Bound>,
     http: Option<tokio::net::TcpListener>,
     mqtt: (rumqttc::AsyncClient, rumqttc::EventLoop),
+    controls: remote::Controls,
 }
 
 async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: Arc<Shared>, cancel: CancellationToken) {
-    let Io { outbox, bound, http, mqtt: (client, eventloop) } = io;
+    let Io { outbox, bound, http, mqtt: (client, eventloop), controls } = io;
     let (sub_tx, sub_rx) = mpsc::channel(64);
     let (block_tx, block_rx) = mpsc::channel(64);
     let (del_tx, del_rx) = mpsc::unbounded_channel();
@@ -199,7 +215,23 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
         },
         cancel.clone(),
     ));
-    let event_task = tokio::spawn(mqtt::run_event_loop(eventloop, event_tx, shared.clone()));
+    let (control_tx, control_rx) = mpsc::channel(8);
+    let (command_route, remote_task) = if config.remote_commands {
+        let (tx, rx) = mpsc::channel(32);
+        let remote = remote::Remote {
+            client: client.clone(),
+            reply_topic: config.command_reply_topic(),
+            config: config.clone(),
+            shared: shared.clone(),
+            publisher: control_tx.clone(),
+            controls,
+        };
+        (Some(mqtt::CommandRoute { topic: config.command_topic(), tx }), Some(tokio::spawn(remote.run(rx))))
+    } else {
+        (None, None)
+    };
+    drop(control_tx);
+    let event_task = tokio::spawn(mqtt::run_event_loop(eventloop, event_tx, command_route, shared.clone()));
     let publisher = publisher::Publisher::new(
         publisher::PublisherConfig {
             client_id: config.client_id.clone(),
@@ -224,13 +256,14 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
             status_interval: Duration::from_secs(config.status_interval_secs),
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
             max_packet_bytes: config.mqtt_max_packet_bytes,
+            command_topic: config.remote_commands.then(|| config.command_topic()),
         },
         client,
         publish_outbox,
         shared.clone(),
         del_tx,
     );
-    let publisher = tokio::spawn(publisher.run(block_rx, event_rx, cancel.clone()));
+    let publisher = tokio::spawn(publisher.run(block_rx, event_rx, control_rx, cancel.clone()));
 
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -246,6 +279,7 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
             .then(|| i64::try_from(config.max_past_skew_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
         close_grace: Duration::from_secs(config.shutdown_timeout_secs.clamp(1, 5)),
         gather_readings: config.commit_max_rows.min(4096),
+        intake_paused: shared.watch_intake(),
     };
     for b in bound {
         tracker.spawn(listener::serve(b, ctx.clone(), limit.clone(), tracker.clone(), cancel.clone()));
@@ -260,6 +294,9 @@ async fn run_tasks(config: Config, state: outbox::OutboxState, io: Io, shared: A
     let _ = publisher.await;
     let _ = deleter.await;
     event_task.abort();
+    if let Some(task) = remote_task {
+        task.abort();
+    }
     if let Some(h) = http_task {
         let _ = h.await;
     }

@@ -59,6 +59,9 @@ pub struct ConnContext {
     /// Most readings gathered into one submission from frames already
     /// buffered (fewer, larger submissions; at most a commit's worth).
     pub gather_readings: usize,
+    /// `true` while intake is paused (a remote command): connections stop
+    /// reading, so sensors are held as under back-pressure.
+    pub intake_paused: watch::Receiver<bool>,
 }
 
 /// A bound listening socket.
@@ -271,17 +274,22 @@ async fn run_connection<W: AsyncWrite + Unpin + Send>(
     let mut submitted = 0u64;
     let mut acked = 0u64;
     let mut out = BytesMut::new();
+    let mut paused = ctx.intake_paused.clone();
     loop {
+        let reading = !*paused.borrow_and_update();
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            // Paused: no read (and no idle timeout) until resumed; acks of
+            // what was committed still go out.
+            Ok(()) = paused.changed() => continue,
             changed = ack_rx.changed() => {
                 if changed.is_err() { break; }
                 let n = *ack_rx.borrow_and_update();
                 if write_ack(&mut writer, &mut out, detected, n).await.is_err() { return; }
                 acked = n;
             }
-            next = tokio::time::timeout(ctx.idle_timeout, units.next()) => {
+            next = tokio::time::timeout(ctx.idle_timeout, units.next()), if reading => {
                 let first = match next {
                     Err(_) => { reject_frame(ctx, peer, "idle_timeout", &"no frame within the idle timeout"); break; }
                     Ok(None) => break,

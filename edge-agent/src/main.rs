@@ -3,11 +3,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use edge_agent::config::{Config, LogFormat, Overrides};
+use edge_agent::remote::{Controls, LogControl, Reloader};
 use edge_agent::Agent;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter};
 
 /// Edge agent: durable outbox for sensor readings, published over MQTT.
 ///
@@ -35,11 +40,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Behind a reload layer, so that the `set_log_level` remote command can
+    // replace it while the agent runs.
+    let (filter, filter_handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Json => registry.with(fmt::layer().json()).init(),
     }
+    let log: LogControl = Arc::new(move |directive: &str| {
+        let filter = EnvFilter::builder().parse(directive).map_err(|e| e.to_string())?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    });
+    // `reload` loads the configuration as at start: the file again, under
+    // the same environment and flags.
+    let reload: Reloader = Arc::new(|| {
+        let args = Args::try_parse_from(std::env::args_os()).map_err(|e| e.to_string())?;
+        Config::load(args.config.as_deref(), args.overrides).map_err(|e| e.to_string())
+    });
+    let controls = Controls { log: Some(log), reload: Some(reload) };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(error) => {
@@ -50,7 +70,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let cancel = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(cancel.clone()));
-        match Agent::start(config, cancel.clone()).await {
+        match Agent::start_with(config, controls, cancel.clone()).await {
             Ok(agent) => {
                 tracing::info!(listen = ?agent.listen_addrs, http = ?agent.http_addr, "edge agent running");
                 agent.join().await;

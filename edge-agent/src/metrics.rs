@@ -106,6 +106,22 @@ pub struct Metrics {
     pub ack_latency_seconds: Histogram,
     /// Seconds per outbox commit.
     pub commit_seconds: Histogram,
+    /// Remote commands carried out, by command name.
+    pub commands_run: Family<Command, Counter>,
+    /// Remote commands not carried out, by reason (an error kind, `expired`
+    /// or `busy`).
+    pub commands_rejected: Family<Reason, Counter>,
+    /// Remote commands answered again from memory (a redelivered id).
+    pub commands_repeated: Counter,
+    /// 1 while sensor intake is paused by a remote command.
+    pub intake_paused: Gauge,
+}
+
+/// A remote command's name label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Command {
+    /// `status`, `flush`, …
+    pub command: &'static str,
 }
 
 impl Default for Metrics {
@@ -147,6 +163,10 @@ impl Default for Metrics {
             mqtt_connected: Gauge::default(),
             ack_latency_seconds: Histogram::new(exponential_buckets(0.0001, 1.5, 30)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commands_run: Family::default(),
+            commands_rejected: Family::default(),
+            commands_repeated: Counter::default(),
+            intake_paused: Gauge::default(),
         }
     }
 }
@@ -213,6 +233,14 @@ impl Metrics {
         r.register("mqtt_connected", "1 while connected to the broker", m.mqtt_connected);
         r.register("ack_latency_seconds", "Frame receive to sensor ack", m.ack_latency_seconds);
         r.register("commit_seconds", "Outbox commit duration", m.commit_seconds);
+        r.register("commands_run", "Remote commands carried out", m.commands_run);
+        r.register(
+            "commands_rejected",
+            "Remote commands not carried out (malformed, too_large, unknown_command, bad_arguments, failed, expired, busy)",
+            m.commands_rejected,
+        );
+        r.register("commands_repeated", "Remote commands answered again (redelivered id)", m.commands_repeated);
+        r.register("intake_paused", "1 while sensor intake is paused by a remote command", m.intake_paused);
         r
     }
 

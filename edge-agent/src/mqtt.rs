@@ -65,10 +65,27 @@ pub fn connect(config: &Config) -> Result<(AsyncClient, EventLoop), telemetry_li
     Ok((client, eventloop))
 }
 
+/// Remote commands' route: payloads on `topic` go to `tx` instead of the
+/// publisher.
+#[derive(Debug)]
+pub struct CommandRoute {
+    /// `<prefix>/cmd/<client_id>`.
+    pub topic: String,
+    /// To [`crate::remote`].
+    pub tx: mpsc::Sender<Bytes>,
+}
+
 /// Polls the event loop until the client disconnects or the receiver is
-/// gone, forwarding connection changes and incoming messages. Errors are
-/// followed by an exponential backoff with jitter before the next attempt.
-pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent>, shared: std::sync::Arc<Shared>) {
+/// gone, forwarding connection changes and incoming messages (remote
+/// commands to their own task, never blocking the poll: a full command
+/// queue refuses the command, counted as `busy`). Errors are followed by an
+/// exponential backoff with jitter before the next attempt.
+pub async fn run_event_loop(
+    mut eventloop: EventLoop,
+    tx: mpsc::Sender<MqttEvent>,
+    commands: Option<CommandRoute>,
+    shared: std::sync::Arc<Shared>,
+) {
     let mut reconnect = telemetry_link::Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
@@ -79,6 +96,18 @@ pub async fn run_event_loop(mut eventloop: EventLoop, tx: mpsc::Sender<MqttEvent
                 tracing::info!("connected to the broker");
                 if tx.send(MqttEvent::Connected).await.is_err() {
                     return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if commands.as_ref().is_some_and(|c| c.topic == p.topic) => {
+                if let Some(route) = &commands {
+                    if route.tx.try_send(p.payload).is_err() {
+                        shared
+                            .metrics
+                            .commands_rejected
+                            .get_or_create(&crate::metrics::Reason { reason: "busy" })
+                            .inc();
+                        tracing::warn!("remote command queue full: command dropped (the operator may retry)");
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -141,6 +141,28 @@ pub struct PublisherConfig {
     pub shutdown_timeout: Duration,
     /// Largest incoming payload accepted.
     pub max_packet_bytes: usize,
+    /// Remote commands arrive here (subscribed with the rest; `None`: off).
+    pub command_topic: Option<String>,
+}
+
+/// The settings a configuration reload changes while the agent runs (the
+/// `LIVE_KEYS` of [`crate::command`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunables {
+    /// [`PublisherConfig::batch_linger`].
+    pub batch_linger: Duration,
+    /// [`PublisherConfig::confirm_timeout`].
+    pub confirm_timeout: Duration,
+    /// [`PublisherConfig::replay_max_rate`].
+    pub replay_max_rate: u64,
+    /// [`PublisherConfig::status_interval`].
+    pub status_interval: Duration,
+    /// [`PublisherConfig::ahead_max_readings`].
+    pub ahead_max_readings: u64,
+    /// [`PublisherConfig::ahead_max_bytes`].
+    pub ahead_max_bytes: u64,
+    /// [`PublisherConfig::ahead_timeout`].
+    pub ahead_timeout: Duration,
 }
 
 /// Rows the shell loaded for a [`Step::Load`], waiting to be used by the
@@ -183,6 +205,9 @@ pub struct PublishState {
     /// The committed high the pending [`Step::Load`] was asked under.
     load_high: u64,
     draining: bool,
+    /// A `flush` command: partial batches go without lingering until memory
+    /// is empty.
+    flushing: bool,
     /// Ingest servers whose presence announcement is set (echo mode).
     present: BTreeSet<String>,
     /// Echoed batches not yet acked by an ingest server (echo mode).
@@ -238,6 +263,7 @@ impl PublishState {
             loaded: None,
             load_high: 0,
             draining: false,
+            flushing: false,
             present: BTreeSet::new(),
             ahead,
             absence_logged: false,
@@ -268,6 +294,39 @@ impl PublishState {
     /// Shutting down: partial batches go without lingering.
     pub fn set_draining(&mut self) {
         self.draining = true;
+    }
+
+    /// A `flush` command: what is committed goes out without waiting for
+    /// the linger, until [`PublishState::end_flush`].
+    pub fn flush(&mut self) {
+        self.flushing = true;
+    }
+
+    /// The flush is done (the shell polled until idle).
+    pub fn end_flush(&mut self) {
+        self.flushing = false;
+    }
+
+    /// Batches in flight.
+    #[must_use]
+    pub fn inflight(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Applies a configuration reload's live settings.
+    pub fn retune(&mut self, t: Tunables, now: Instant) {
+        let c = &mut self.config;
+        c.batch_linger = t.batch_linger;
+        c.confirm_timeout = t.confirm_timeout;
+        c.status_interval = t.status_interval;
+        c.ahead_max_readings = t.ahead_max_readings;
+        c.ahead_max_bytes = t.ahead_max_bytes;
+        c.ahead_timeout = t.ahead_timeout;
+        self.ahead.set_limits(t.ahead_max_readings, t.ahead_max_bytes);
+        if c.replay_max_rate != t.replay_max_rate {
+            c.replay_max_rate = t.replay_max_rate;
+            self.pace = Pace::new(t.replay_max_rate, now);
+        }
     }
 
     /// Whether outbox reads are allowed at `now` (none for a while after one
@@ -302,10 +361,11 @@ impl PublishState {
     /// announcements arrive before the first echo.
     pub fn connected(&mut self, committed_high: u64, now: Instant) -> Vec<String> {
         let c = &self.config;
-        let topics = match c.confirm {
+        let mut topics = match c.confirm {
             ConfirmMode::Echo => vec![c.presence_filter.clone(), c.ack_topic.clone(), c.data_topic.clone()],
             ConfirmMode::Ingest => vec![c.ack_topic.clone()],
         };
+        topics.extend(c.command_topic.clone());
         // The retained announcements arrive again on this connection.
         self.present.clear();
         self.shared.metrics.ingest_present.set(0);
@@ -615,7 +675,8 @@ impl PublishState {
         );
         let full = n < contiguous || n >= self.config.batch_max_readings;
         let oldest = self.memory.front()?.committed_at;
-        if !full && !self.draining && now.saturating_duration_since(oldest) < self.config.batch_linger {
+        if !full && !self.draining && !self.flushing && now.saturating_duration_since(oldest) < self.config.batch_linger
+        {
             return None;
         }
         let mut readings = Vec::with_capacity(n);
@@ -839,13 +900,10 @@ impl PublishState {
 
     /// The status message as of `now`, with the outbox holding `rows` rows
     /// of `bytes` bytes, the oldest `oldest_age_s` old; `ts` its timestamp
-    /// (Unix µs). Also sets the backlog gauges.
+    /// (Unix µs). Starts the next status interval, updates the smoothed
+    /// drain rate and sets the backlog gauges.
     pub fn status(&mut self, rows: u64, bytes: u64, oldest_age_s: f64, ts: i64, now: Instant) -> AgentStatus {
         let elapsed = now.saturating_duration_since(self.last_status).as_secs_f64().max(1e-3);
-        self.last_status = now;
-        let m = &self.shared.metrics;
-        let received = m.readings_received.get();
-        let confirmed = m.readings_echoed.get() + m.readings_ingest_acked.get();
         // Net rows leaving the outbox per second, smoothed over statuses
         // (about the last five): the backlog's drain rate and its ETA. The
         // first status only sets the baseline (the outbox was not empty
@@ -855,25 +913,42 @@ impl PublishState {
             self.drain_per_s = 0.7 * self.drain_per_s + 0.3 * drained;
         }
         self.last_rows = Some(rows);
+        let status = self.snapshot(rows, bytes, oldest_age_s, ts, now);
+        let m = &self.shared.metrics;
+        m.outbox_oldest_age_seconds.set(oldest_age_s as i64);
+        m.outbox_drain_eta_seconds.set(status.drain_eta_s.map_or(-1, |s| s.ceil() as i64));
+        self.last_status = now;
+        self.last_received = m.readings_received.get();
+        self.last_confirmed = m.readings_echoed.get() + m.readings_ingest_acked.get();
+        status
+    }
+
+    /// The status as of `now` without starting a new interval (a `status`
+    /// command between two periodic statuses): rates over the interval so
+    /// far, the drain rate as last smoothed.
+    #[must_use]
+    pub fn snapshot(&self, rows: u64, bytes: u64, oldest_age_s: f64, ts: i64, now: Instant) -> AgentStatus {
+        let elapsed = now.saturating_duration_since(self.last_status).as_secs_f64().max(1e-3);
+        let m = &self.shared.metrics;
+        let received = m.readings_received.get();
+        let confirmed = m.readings_echoed.get() + m.readings_ingest_acked.get();
         let drain_eta_s = match rows {
             0 => Some(0.0),
             _ if self.drain_per_s > 0.0 => Some(rows as f64 / self.drain_per_s),
             _ => None,
         };
-        m.outbox_oldest_age_seconds.set(oldest_age_s as i64);
-        m.outbox_drain_eta_seconds.set(drain_eta_s.map_or(-1, |s| s.ceil() as i64));
         let published = m.readings_published.get();
         let bytes_per_reading = (published > 0).then(|| m.bytes_published.get() as f64 / published as f64);
         let echo = self.config.confirm == ConfirmMode::Echo;
-        let status = AgentStatus {
+        AgentStatus {
             version: telemetry_wire::status::STATUS_VERSION,
             client_id: self.config.client_id.clone(),
             ts,
             outbox_rows: rows,
             outbox_bytes: bytes,
             oldest_age_s,
-            received_per_s: (received - self.last_received) as f64 / elapsed,
-            confirmed_per_s: (confirmed.saturating_sub(self.last_confirmed)) as f64 / elapsed,
+            received_per_s: received.saturating_sub(self.last_received) as f64 / elapsed,
+            confirmed_per_s: confirmed.saturating_sub(self.last_confirmed) as f64 / elapsed,
             connected: self.conn != ConnState::Offline,
             drain_per_s: Some(self.drain_per_s),
             drain_eta_s,
@@ -881,10 +956,8 @@ impl PublishState {
             ingest_present: echo.then_some(!self.present.is_empty()),
             echo_held_batches: echo.then(|| self.window.held() as u64),
             echo_ahead_readings: echo.then_some(self.ahead.readings()),
-        };
-        self.last_received = received;
-        self.last_confirmed = confirmed;
-        status
+            last_command: None,
+        }
     }
 }
 
@@ -932,6 +1005,7 @@ mod tests {
             status_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(1),
             max_packet_bytes: 1 << 20,
+            command_topic: None,
         }
     }
 

@@ -9,15 +9,40 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::mpsc;
+use telemetry_wire::AgentStatus;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::Block;
 use crate::mqtt::MqttEvent;
 use crate::outbox::Outbox;
-pub use crate::publish_state::{ConnState, PublisherConfig};
+pub use crate::publish_state::{ConnState, PublisherConfig, Tunables};
 use crate::publish_state::{PublishState, Step};
 use crate::shared::Shared;
+
+/// Requests to the publisher from remote commands ([`crate::remote`]).
+#[derive(Debug)]
+pub enum Control {
+    /// The status as of now (without starting a new status interval).
+    Status(oneshot::Sender<AgentStatus>),
+    /// Publish what is committed now, without lingering.
+    Flush(oneshot::Sender<FlushReport>),
+    /// New live settings (a configuration reload).
+    Retune(Tunables, oneshot::Sender<()>),
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FlushReport {
+    /// Batches published by the flush.
+    pub published_batches: u64,
+    /// Batches in flight after it.
+    pub inflight_batches: usize,
+    /// Whether the broker connection is up (offline, nothing can go).
+    pub connected: bool,
+    /// Rows in the outbox after it.
+    pub outbox_rows: u64,
+}
 
 /// The publishing task.
 pub struct Publisher {
@@ -55,11 +80,15 @@ impl Publisher {
         mut self,
         mut blocks: mpsc::Receiver<Block>,
         mut events: mpsc::Receiver<MqttEvent>,
+        mut control: mpsc::Receiver<Control>,
         cancel: CancellationToken,
     ) {
-        // The tick drives lingering batches, republishing and status.
+        // The tick drives lingering batches, republishing and status: at
+        // half the linger, but at least every 250 ms (a long linger must not
+        // hold back status messages and republishing).
         let linger = self.state.config().batch_linger;
-        let mut tick = tokio::time::interval(Duration::from_millis(10).max(linger / 2));
+        let period = (linger / 2).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut blocks_open = true;
         let mut drain_deadline: Option<Instant> = None;
@@ -74,6 +103,7 @@ impl Publisher {
                     None => blocks_open = false,
                 },
                 _ = tick.tick() => self.on_tick().await,
+                Some(request) = control.recv() => self.on_control(request).await,
             }
             if !blocks_open || cancel.is_cancelled() {
                 self.state.set_draining();
@@ -111,6 +141,34 @@ impl Publisher {
         }
     }
 
+    async fn on_control(&mut self, request: Control) {
+        match request {
+            Control::Status(reply) => {
+                let (rows, bytes) = self.shared.outbox_size();
+                let oldest_age_s = self.oldest_age_s(rows).await;
+                let mut status = self.state.snapshot(rows, bytes, oldest_age_s, crate::now_micros(), Instant::now());
+                status.last_command = self.shared.last_command();
+                let _ = reply.send(status);
+            }
+            Control::Flush(reply) => {
+                let before = self.shared.metrics.batches_published.get();
+                self.state.flush();
+                self.fill().await;
+                self.state.end_flush();
+                let _ = reply.send(FlushReport {
+                    published_batches: self.shared.metrics.batches_published.get() - before,
+                    inflight_batches: self.state.inflight(),
+                    connected: self.state.conn() != ConnState::Offline,
+                    outbox_rows: self.shared.outbox_size().0,
+                });
+            }
+            Control::Retune(tunables, reply) => {
+                self.state.retune(tunables, Instant::now());
+                let _ = reply.send(());
+            }
+        }
+    }
+
     /// Hands confirmed ranges to the deleter.
     fn send_deletes(&mut self) {
         for range in self.state.take_deletes() {
@@ -135,18 +193,23 @@ impl Publisher {
         }
     }
 
+    /// The oldest outbox row's age (0 when empty, or unreadable just now).
+    async fn oldest_age_s(&mut self, rows: u64) -> f64 {
+        if rows == 0 || !self.state.outbox_readable(Instant::now()) {
+            return 0.0;
+        }
+        self.outbox.oldest_age_secs().await.unwrap_or_else(|_| {
+            self.outbox.reset();
+            0.0
+        })
+    }
+
     /// Publishes the retained status message (when connected).
     async fn publish_status(&mut self) {
         let (rows, bytes) = self.shared.outbox_size();
-        let oldest_age_s = if rows == 0 || !self.state.outbox_readable(Instant::now()) {
-            0.0
-        } else {
-            self.outbox.oldest_age_secs().await.unwrap_or_else(|_| {
-                self.outbox.reset();
-                0.0
-            })
-        };
-        let status = self.state.status(rows, bytes, oldest_age_s, crate::now_micros(), Instant::now());
+        let oldest_age_s = self.oldest_age_s(rows).await;
+        let mut status = self.state.status(rows, bytes, oldest_age_s, crate::now_micros(), Instant::now());
+        status.last_command = self.shared.last_command();
         if self.state.conn() != ConnState::Offline {
             let topic = &self.state.config().status_topic;
             let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, status.encode());

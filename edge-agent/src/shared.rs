@@ -2,8 +2,10 @@
 //! quota and the status message), and the highest committed seq.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use tokio::sync::Notify;
+use telemetry_wire::LastCommand;
+use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
 
@@ -18,6 +20,10 @@ pub struct Shared {
     rescan: AtomicBool,
     /// Notified whenever rows leave the outbox (quota waiters).
     pub space_freed: Notify,
+    /// `true` while sensor intake is paused (a remote command).
+    intake_paused: watch::Sender<bool>,
+    /// The last remote command answered, for the status message.
+    last_command: Mutex<Option<LastCommand>>,
 }
 
 impl Shared {
@@ -79,6 +85,35 @@ impl Shared {
     /// outbox was rolled back under the agent).
     pub fn request_rescan(&self) {
         self.rescan.store(true, Ordering::Release);
+    }
+
+    /// Pauses (`true`) or resumes sensor intake; the previous setting.
+    pub fn set_intake_paused(&self, paused: bool) -> bool {
+        self.metrics.intake_paused.set(i64::from(paused));
+        self.intake_paused.send_replace(paused)
+    }
+
+    /// Whether sensor intake is paused.
+    #[must_use]
+    pub fn intake_paused(&self) -> bool {
+        *self.intake_paused.borrow()
+    }
+
+    /// Follows the intake setting (for each sensor connection).
+    #[must_use]
+    pub fn watch_intake(&self) -> watch::Receiver<bool> {
+        self.intake_paused.subscribe()
+    }
+
+    /// Records the last remote command answered.
+    pub fn set_last_command(&self, command: LastCommand) {
+        *self.last_command.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(command);
+    }
+
+    /// The last remote command answered, if any.
+    #[must_use]
+    pub fn last_command(&self) -> Option<LastCommand> {
+        self.last_command.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Whether a rescan was asked for since the last call.

@@ -196,6 +196,7 @@ fn echo_status(client_id: &str) -> telemetry_wire::AgentStatus {
         ingest_present: Some(false),
         echo_held_batches: Some(3),
         echo_ahead_readings: Some(6000),
+        last_command: None,
     }
 }
 

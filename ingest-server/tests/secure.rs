@@ -300,3 +300,71 @@ async fn send_frames(addr: &str, n: u64) {
         assert!(matches!(read, Ok(Ok(1..))), "connection closed or silent before every frame was acked");
     }
 }
+
+/// Issue 15: in the secure profile only the `operator` user commands a
+/// device; another device can neither command it (tried with
+/// `mosquitto_pub`, as an operator would try it by hand) nor read its
+/// commands or replies, nor forge a reply in its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_may_command_a_device() {
+    let Some(stack) = test_support::stack(&[test_support::Service::Postgres]) else { return };
+    let broker = SecureBroker::start(&["dev-a", "dev-b", "operator"]);
+    let agent_config = edge_agent::Config {
+        client_id: "dev-b".into(),
+        mqtt_client_id: test_support::unique_name("agent"),
+        listen: vec![edge_agent::config::ListenAddr::Tcp("127.0.0.1:0".into())],
+        postgres_url: test_support::fresh_pg_database(&stack).await,
+        mqtt_port: broker.plain_port,
+        mqtt_username: "dev-b".into(),
+        mqtt_password: edge_agent::config::Secret::new(broker.password("dev-b")),
+        http_listen: String::new(),
+        ..edge_agent::Config::default()
+    };
+    let agent = edge_agent::Agent::start(agent_config, CancellationToken::new()).await.expect("agent starts");
+    harness::wait_for("agent connected", Duration::from_secs(10), || agent.shared.connected()).await;
+    let operator = Device::connect(&broker, "operator").await;
+    operator.subscribe(&["/telemetry/cmd-reply/+"]).await;
+    let a = Device::connect(&broker, "dev-a").await;
+    a.subscribe(&["/telemetry/cmd/dev-b", "/telemetry/cmd/+", "/telemetry/cmd-reply/+"]).await;
+    let replies =
+        || operator.received.lock().unwrap().iter().filter(|t| t.as_str() == "/telemetry/cmd-reply/dev-b").count();
+    let pub_as = |user: &str, topic: &str, payload: &str| {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.plain_port.to_string(), "-q", "1", "-i"])
+            .arg(test_support::unique_name(user))
+            .args(["-u", user, "-P", &broker.password(user), "-t", topic, "-m", payload])
+            .output()
+            .expect("run mosquitto_pub (Debian package mosquitto-clients)");
+        // Mosquitto acks a denied QoS 1 publish, so this succeeds either way.
+        assert!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let expires = edge_agent::now_micros() / 1000 + 60_000;
+    let command = |id: &str, name: &str| format!(r#"{{"id":"{id}","name":"{name}","expires_at_ms":{expires}}}"#);
+
+    // The operator's command is carried out and answered. Until the agent
+    // has subscribed (at its ConnAck) a command reaches nobody: repeat it.
+    for attempt in 0.. {
+        pub_as("operator", "/telemetry/cmd/dev-b", &command("op-pause", "pause_intake"));
+        if harness::try_wait_for(Duration::from_secs(1), || replies() >= 1).await {
+            break;
+        }
+        assert!(attempt < 20, "the agent never answered the operator");
+    }
+    assert!(agent.shared.intake_paused(), "the operator's pause_intake ran");
+    let seen_by_a = a.received.lock().unwrap().len();
+    assert_eq!(seen_by_a, 0, "dev-a read dev-b's command or reply: {:?}", a.received.lock().unwrap());
+
+    // dev-a tries to command dev-b, and to forge a reply in its name.
+    pub_as("dev-a", "/telemetry/cmd/dev-b", &command("evil", "resume_intake"));
+    pub_as("dev-a", "/telemetry/cmd-reply/dev-b", r#"{"id":"op-pause","client_id":"dev-b","ts_ms":1,"ok":false}"#);
+    tokio::time::sleep(Duration::from_secs(2)).await; // room for anything forged to arrive
+    assert!(agent.shared.intake_paused(), "dev-a's resume_intake ran");
+    assert_eq!(replies(), 1, "the operator got a forged or an extra reply");
+    let run = |name: &'static str| {
+        agent.shared.metrics.commands_run.get_or_create(&edge_agent::metrics::Command { command: name }).get()
+    };
+    assert_eq!((run("pause_intake"), run("resume_intake")), (1, 0));
+    assert!(a.received.lock().unwrap().is_empty(), "dev-a read commands or replies: {:?}", a.received.lock().unwrap());
+    drop((operator, a));
+    agent.shutdown().await;
+}

@@ -24,6 +24,15 @@ pub enum SecretFileError {
 #[serde(transparent)]
 pub struct Secret(String);
 
+/// Serialised redacted (`"<redacted>"`, or `""` when unset), so a
+/// configuration can be shown (e.g. to an operator's `status` command)
+/// without its passwords.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
 impl Secret {
     /// Wraps a value.
     pub fn new(value: impl Into<String>) -> Self {

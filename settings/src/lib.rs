@@ -136,7 +136,7 @@ macro_rules! settings {
         $( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env $env:literal $(, arg($($arg:tt)*))? ; )*
     ) => {
         $(#[doc = $config_doc])*
-        #[derive(Debug, Clone, serde::Deserialize)]
+        #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct $config {
             $( $(#[doc = $doc])* pub $name: $ty, )*

@@ -43,4 +43,4 @@ pub use error::DecodeError;
 pub use frame::{AckFrameCodec, FrameError, SensorFrameCodec, DEFAULT_MAX_FRAME_BYTES};
 pub use json::JsonError;
 pub use reading::{Reading, ReadingError};
-pub use status::AgentStatus;
+pub use status::{AgentStatus, LastCommand};

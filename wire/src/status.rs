@@ -55,6 +55,25 @@ pub struct AgentStatus {
     /// (held only by the broker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo_ahead_readings: Option<u64>,
+    /// The last remote command this agent answered (absent before the first
+    /// one since it started, and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_command: Option<LastCommand>,
+}
+
+/// A remote command an agent answered, as its status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCommand {
+    /// The command's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Whether it was carried out.
+    pub ok: bool,
+    /// When it was answered, Unix milliseconds.
+    pub ts_ms: i64,
+    /// One line: `ok`, or the error kind and message.
+    pub summary: String,
 }
 
 impl AgentStatus {

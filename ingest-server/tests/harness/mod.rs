@@ -198,6 +198,18 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bo
     }
 }
 
+/// Polls `cond` every 50 ms for up to `within`; whether it came to hold.
+pub async fn try_wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// Waits until the async `cond` holds, polling every 100 ms.
 pub async fn wait_for_async<F, Fut>(what: &str, within: Duration, mut cond: F)
 where

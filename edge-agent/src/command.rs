@@ -1,0 +1,349 @@
+//! Remote commands: what the agent decides about a command payload, apart
+//! from carrying it out ([`crate::remote`] does that). Pure: no broker, no
+//! clock of its own (time is an argument), unit-tested.
+//!
+//! Rules (the payloads are in `telemetry_wire::command`):
+//! - a payload that does not decode, names an unknown command or carries
+//!   arguments the command does not take is refused with a typed error, and
+//!   nothing changes;
+//! - a command past its `expires_at_ms` is ignored (counted, no reply: the
+//!   operator stopped waiting for it);
+//! - a command whose id was answered before is answered again from memory,
+//!   not run twice (QoS 1 redelivers; operators retry);
+//! - the memory of answered ids is bounded ([`REMEMBERED`]); an id is only
+//!   needed until its command expires.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde_json::{Map, Value};
+use telemetry_wire::command::{Command, CommandError, CommandName, ErrorKind};
+
+use crate::config::Config;
+
+/// Answered ids kept for repeats, at most.
+pub const REMEMBERED: usize = 256;
+
+/// Longest log filter accepted by `set_log_level`.
+const MAX_FILTER_LEN: usize = 512;
+
+/// What to do with one command payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Answered before: publish this reply again.
+    Repeat(Vec<u8>),
+    /// Carry it out.
+    Run {
+        /// Its id.
+        id: String,
+        /// When it expires (Unix ms), to remember the answer that long.
+        expires_at_ms: i64,
+        /// What to do.
+        action: Action,
+    },
+    /// Do not run it: answer with this error.
+    Refuse {
+        /// Its id, when it had a readable one.
+        id: Option<String>,
+        /// When it expires, when readable.
+        expires_at_ms: Option<i64>,
+        /// Its name, when readable.
+        name: Option<String>,
+        /// Why.
+        error: CommandError,
+    },
+    /// Past its expiry: ignore it.
+    Expired {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// A checked command with its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Report status and configuration.
+    Status,
+    /// Publish what is committed now.
+    Flush,
+    /// Stop reading sensor sockets.
+    PauseIntake,
+    /// Read them again.
+    ResumeIntake,
+    /// Replace the log filter with this directive.
+    SetLogLevel(String),
+    /// Re-read the configuration file.
+    Reload,
+}
+
+impl Action {
+    /// The command's name.
+    #[must_use]
+    pub fn name(&self) -> CommandName {
+        match self {
+            Action::Status => CommandName::Status,
+            Action::Flush => CommandName::Flush,
+            Action::PauseIntake => CommandName::PauseIntake,
+            Action::ResumeIntake => CommandName::ResumeIntake,
+            Action::SetLogLevel(_) => CommandName::SetLogLevel,
+            Action::Reload => CommandName::Reload,
+        }
+    }
+}
+
+/// The answered ids, for repeats.
+#[derive(Debug, Default)]
+pub struct CommandBook {
+    answers: HashMap<String, (i64, Vec<u8>)>,
+    order: VecDeque<String>,
+}
+
+impl CommandBook {
+    /// Decides what to do with `payload` received at `now_ms`.
+    pub fn decide(&mut self, payload: &[u8], now_ms: i64) -> Decision {
+        let command = match Command::decode(payload) {
+            Ok(c) => c,
+            Err((id, error)) => return Decision::Refuse { id, expires_at_ms: None, name: None, error },
+        };
+        if now_ms > command.expires_at_ms {
+            return Decision::Expired { id: command.id };
+        }
+        if let Some((_, reply)) = self.answers.get(&command.id) {
+            return Decision::Repeat(reply.clone());
+        }
+        let refuse = |error| Decision::Refuse {
+            id: Some(command.id.clone()),
+            expires_at_ms: Some(command.expires_at_ms),
+            name: Some(command.name.clone()),
+            error,
+        };
+        let name = match command.command_name() {
+            Ok(n) => n,
+            Err(error) => return refuse(error),
+        };
+        match check_args(name, &command.args) {
+            Ok(action) => Decision::Run { id: command.id, expires_at_ms: command.expires_at_ms, action },
+            Err(error) => refuse(error),
+        }
+    }
+
+    /// Remembers the reply to `id` (kept while the command has not expired,
+    /// and among the last [`REMEMBERED`]).
+    pub fn answered(&mut self, id: &str, expires_at_ms: i64, reply: Vec<u8>, now_ms: i64) {
+        self.answers.retain(|_, (expires, _)| *expires >= now_ms);
+        self.order.retain(|i| self.answers.contains_key(i));
+        if self.answers.insert(id.to_owned(), (expires_at_ms, reply)).is_none() {
+            self.order.push_back(id.to_owned());
+        }
+        while self.order.len() > REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
+
+    /// Ids remembered.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    /// Whether none is remembered.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+}
+
+/// The arguments of `name`, checked.
+fn check_args(name: CommandName, args: &Map<String, Value>) -> Result<Action, CommandError> {
+    let bad = |message: String| Err(CommandError::new(ErrorKind::BadArguments, message));
+    let none = |action: Action| {
+        if args.is_empty() {
+            Ok(action)
+        } else {
+            let keys: Vec<&str> = args.keys().map(String::as_str).collect();
+            bad(format!("{name} takes no arguments (got {})", keys.join(", ")))
+        }
+    };
+    match name {
+        CommandName::Status => none(Action::Status),
+        CommandName::Flush => none(Action::Flush),
+        CommandName::PauseIntake => none(Action::PauseIntake),
+        CommandName::ResumeIntake => none(Action::ResumeIntake),
+        CommandName::Reload => none(Action::Reload),
+        CommandName::SetLogLevel => {
+            if let Some(extra) = args.keys().find(|k| *k != "filter") {
+                return bad(format!("set_log_level takes only \"filter\" (got {extra:?})"));
+            }
+            let Some(filter) = args.get("filter") else {
+                return bad("set_log_level needs \"filter\", e.g. \"debug\" or \"edge_agent=debug,warn\"".into());
+            };
+            let Some(filter) = filter.as_str() else {
+                return bad(format!("\"filter\" must be a string, not {filter}"));
+            };
+            if filter.trim().is_empty() || filter.len() > MAX_FILTER_LEN {
+                return bad(format!("\"filter\" must be 1 to {MAX_FILTER_LEN} characters"));
+            }
+            if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(filter) {
+                return bad(format!("\"filter\" is not a log filter: {error}"));
+            }
+            Ok(Action::SetLogLevel(filter.to_owned()))
+        }
+    }
+}
+
+/// Keys a `reload` applies to the running agent; every other key that
+/// changed needs a restart and is reported as such.
+pub const LIVE_KEYS: &[&str] = &[
+    "batch_linger_ms",
+    "confirm_timeout_ms",
+    "replay_max_rate",
+    "status_interval_secs",
+    "echo_ahead_max_readings",
+    "echo_ahead_max_bytes",
+    "echo_ahead_timeout_secs",
+];
+
+/// What a `reload` does: the keys it applies (with their new values) and
+/// the changed keys that need a restart (running and file values).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReloadPlan {
+    /// Live keys that changed: applied.
+    pub applied: BTreeMap<String, Value>,
+    /// Other keys that changed: not applied, `(running, in the file)`.
+    pub needs_restart: BTreeMap<String, (Value, Value)>,
+}
+
+/// Compares the running configuration with the one just loaded.
+#[must_use]
+pub fn reload_plan(running: &Config, loaded: &Config) -> ReloadPlan {
+    let as_map = |c: &Config| match serde_json::to_value(c) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    };
+    let (old, new) = (as_map(running), as_map(loaded));
+    let mut plan = ReloadPlan::default();
+    for (key, value) in new {
+        let before = old.get(&key).cloned().unwrap_or(Value::Null);
+        if before == value {
+            continue;
+        }
+        if LIVE_KEYS.contains(&key.as_str()) {
+            plan.applied.insert(key, value);
+        } else {
+            plan.needs_restart.insert(key, (before, value));
+        }
+    }
+    plan
+}
+
+/// `running` with the live keys of `loaded` (what a reload applied).
+#[must_use]
+pub fn with_live_keys(running: &Config, loaded: &Config) -> Config {
+    Config {
+        batch_linger_ms: loaded.batch_linger_ms,
+        confirm_timeout_ms: loaded.confirm_timeout_ms,
+        replay_max_rate: loaded.replay_max_rate,
+        status_interval_secs: loaded.status_interval_secs,
+        echo_ahead_max_readings: loaded.echo_ahead_max_readings,
+        echo_ahead_max_bytes: loaded.echo_ahead_max_bytes,
+        echo_ahead_timeout_secs: loaded.echo_ahead_timeout_secs,
+        ..running.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn payload(id: &str, name: &str, args: Value, expires_at_ms: i64) -> Vec<u8> {
+        serde_json::to_vec(&json!({"id": id, "name": name, "args": args, "expires_at_ms": expires_at_ms})).unwrap()
+    }
+
+    #[test]
+    fn a_valid_command_runs_once_and_a_redelivery_repeats_the_answer() {
+        let mut book = CommandBook::default();
+        let p = payload("c1", "flush", json!({}), 2000);
+        let Decision::Run { id, action, expires_at_ms } = book.decide(&p, 1000) else { panic!("should run") };
+        assert_eq!((id.as_str(), action, expires_at_ms), ("c1", Action::Flush, 2000));
+        book.answered("c1", 2000, b"reply-1".to_vec(), 1000);
+        assert_eq!(book.decide(&p, 1500), Decision::Repeat(b"reply-1".to_vec()));
+        assert_eq!(book.decide(&p, 2001), Decision::Expired { id: "c1".into() }, "expired even if answered");
+    }
+
+    #[test]
+    fn expired_commands_are_ignored() {
+        let mut book = CommandBook::default();
+        let p = payload("old", "pause_intake", json!({}), 999);
+        assert_eq!(book.decide(&p, 1000), Decision::Expired { id: "old".into() });
+    }
+
+    #[test]
+    fn bad_commands_are_refused_with_their_kind() {
+        let mut book = CommandBook::default();
+        let kind = |d: Decision| match d {
+            Decision::Refuse { error, .. } => error.kind,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(kind(book.decide(b"{not json", 0)), ErrorKind::Malformed);
+        assert_eq!(kind(book.decide(&payload("a", "rm_rf", json!({}), 9), 0)), ErrorKind::UnknownCommand);
+        assert_eq!(kind(book.decide(&payload("a", "flush", json!({"now": true}), 9), 0)), ErrorKind::BadArguments);
+        assert_eq!(kind(book.decide(&payload("a", "set_log_level", json!({}), 9), 0)), ErrorKind::BadArguments);
+        assert_eq!(
+            kind(book.decide(&payload("a", "set_log_level", json!({"filter": 3}), 9), 0)),
+            ErrorKind::BadArguments
+        );
+        assert_eq!(
+            kind(book.decide(&payload("a", "set_log_level", json!({"filter": "edge_agent=loud"}), 9), 0)),
+            ErrorKind::BadArguments,
+            "not a level"
+        );
+        assert_eq!(kind(book.decide(&vec![b'x'; 20_000], 0)), ErrorKind::TooLarge);
+        let ok = book.decide(&payload("b", "set_log_level", json!({"filter": "edge_agent=debug,warn"}), 9), 0);
+        assert!(matches!(ok, Decision::Run { action: Action::SetLogLevel(f), .. } if f == "edge_agent=debug,warn"));
+    }
+
+    #[test]
+    fn a_refusal_names_the_id_so_it_can_be_repeated() {
+        let mut book = CommandBook::default();
+        match book.decide(&payload("z9", "nope", json!({}), 9), 0) {
+            Decision::Refuse { id, expires_at_ms, name, .. } => {
+                assert_eq!((id.as_deref(), expires_at_ms, name.as_deref()), (Some("z9"), Some(9), Some("nope")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_memory_of_answers_is_bounded_and_forgets_expired_ids() {
+        let mut book = CommandBook::default();
+        for i in 0..REMEMBERED + 50 {
+            book.answered(&format!("id{i}"), 10_000, vec![], 0);
+        }
+        assert_eq!(book.len(), REMEMBERED);
+        assert!(matches!(book.decide(&payload("id0", "flush", json!({}), 10_000), 0), Decision::Run { .. }));
+        book.answered("late", 20_000, vec![], 15_000);
+        assert_eq!(book.len(), 1, "every other answer expired at 10,000");
+    }
+
+    #[test]
+    fn a_reload_applies_live_keys_and_reports_the_rest() {
+        let running = Config::default();
+        let loaded = Config {
+            replay_max_rate: 5000,
+            batch_linger_ms: running.batch_linger_ms + 1,
+            quota_rows: 7,
+            mqtt_password: telemetry_settings::Secret::new("s3cret"),
+            ..Config::default()
+        };
+        let plan = reload_plan(&running, &loaded);
+        assert_eq!(plan.applied.keys().collect::<Vec<_>>(), vec!["batch_linger_ms", "replay_max_rate"]);
+        assert_eq!(plan.applied["replay_max_rate"], json!(5000));
+        assert_eq!(plan.needs_restart.keys().collect::<Vec<_>>(), vec!["mqtt_password", "quota_rows"]);
+        assert_eq!(plan.needs_restart["mqtt_password"], (json!(""), json!("<redacted>")), "never the secret");
+        let now = with_live_keys(&running, &loaded);
+        assert_eq!((now.replay_max_rate, now.quota_rows), (5000, running.quota_rows));
+        assert_eq!(reload_plan(&now, &now), ReloadPlan::default());
+    }
+}
