@@ -72,6 +72,11 @@ pub enum Fault {
     /// waits in the outbox), and mosquitto_pub forges ingest acks of every
     /// seq of the agent's epoch, and echoes; then the server starts again.
     ForgedConfirmations,
+    /// Remote commands during a fault: Postgres (the outbox) is stopped;
+    /// meanwhile an operator sends `pause_intake`, `flush` and, once
+    /// Postgres is back, `resume_intake` (mosquitto_pub on the command
+    /// topic).
+    CommandsDuringFault,
     /// Echo mode; SIGKILL the broker, start it again. Not in the default
     /// set: Mosquitto saves its state only every `autosave_interval`, so a
     /// crash can lose routed-but-unsaved messages that echo mode already
@@ -85,7 +90,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -105,6 +110,7 @@ impl Fault {
         Self::OutboxRollback,
         Self::ForgedConfirmations,
         Self::EchoAheadBound,
+        Self::CommandsDuringFault,
     ];
 
     /// The scenario's name (as on the command line).
@@ -130,6 +136,7 @@ impl Fault {
             Self::OutboxRollback => "outbox-rollback",
             Self::ForgedConfirmations => "forged-confirmations",
             Self::EchoAheadBound => "echo-ahead-bound",
+            Self::CommandsDuringFault => "commands-during-fault",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
         }
@@ -148,6 +155,10 @@ impl Fault {
             Self::BrokerDown => format!("stop Mosquitto cleanly, keep it down {outage} s"),
             Self::ClickhouseDown => format!("SIGKILL ClickHouse, keep it down {outage} s"),
             Self::PostgresRestart => format!("stop Postgres (`pg_ctl -m fast`), start it again after {pause} s"),
+            Self::CommandsDuringFault => format!(
+                "stop Postgres; meanwhile `pause_intake`, {COMMAND_PAUSE_SECS} s later `flush` (mosquitto_pub on \
+                 the agent's command topic); start Postgres again after {pause} s more; then `resume_intake`"
+            ),
             Self::QuotaReached => {
                 format!("outbox quota {} rows (back-pressure); Mosquitto down {outage} s", form.quota_rows)
             }
@@ -227,7 +238,7 @@ impl Fault {
             | Self::EndToEndKillBroker
             | Self::KillBroker => Some(Service::Mqtt),
             Self::ClickhouseDown | Self::ClickhouseStall | Self::EchoAheadBound => Some(Service::ClickHouse),
-            Self::PostgresRestart => Some(Service::Postgres),
+            Self::PostgresRestart | Self::CommandsDuringFault => Some(Service::Postgres),
             _ => None,
         }
     }
@@ -255,6 +266,7 @@ impl Fault {
             Self::ClickhouseStall => form.stall(),
             Self::OversizeFlood => Duration::from_secs(2),
             Self::BadClockDevice => form.outage,
+            Self::CommandsDuringFault => form.restart_pause + Duration::from_secs(COMMAND_PAUSE_SECS + 2),
         }
     }
 }
@@ -403,6 +415,18 @@ fn failed(fault: Fault, error: String) -> Outcome {
     }
 }
 
+/// Polls the agent's metric `name` until `ok` holds or `within` passes.
+async fn wait_metric(agent: &Daemon, name: &str, ok: impl Fn(f64) -> bool, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if agent.metric(name).await.is_some_and(&ok) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("{e}"))
 }
@@ -486,6 +510,25 @@ fn mosquitto_pub(host: &str, port: u16, topic: &str, file: &std::path::Path) -> 
 /// (small, so that the bound plus the batches in flight is a tight check).
 const ECHO_AHEAD_MAX: u64 = 5000;
 const ECHO_AHEAD_WINDOW: u64 = 4;
+
+/// commands-during-fault: seconds between `pause_intake` and `flush`.
+const COMMAND_PAUSE_SECS: u64 = 2;
+
+/// commands-during-fault: publishes the command `name` (id `id`) to the
+/// agent `client_id`, as an operator would by hand.
+fn send_command(dir: &std::path::Path, host: &str, port: u16, prefix: &str, client_id: &str, name: &str) -> Result<()> {
+    let expires_at_ms =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())? + 60_000;
+    let command = telemetry_wire::Command::new(
+        format!("chaos-{name}"),
+        telemetry_wire::CommandName::parse(name).context("a known command")?,
+        Default::default(),
+        expires_at_ms,
+    );
+    let file = dir.join(format!("command-{name}.json"));
+    std::fs::write(&file, command.encode()).context("write the command")?;
+    mosquitto_pub(host, port, &format!("{prefix}/cmd/{client_id}"), &file)
+}
 
 /// forged-confirmations: forged echoes and forged acks, each.
 const FORGED: u64 = 20;
@@ -922,6 +965,33 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             blocking(move || p.stop()).await?;
             tokio::time::sleep(form.restart_pause).await;
             answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+        }
+        Fault::CommandsDuringFault => {
+            let p = private.clone().context("private service")?;
+            blocking(move || p.stop()).await?;
+            let send = |name: &'static str| {
+                let (dir, host, port, prefix) = (dir.clone(), env.stack.mqtt_host.clone(), mqtt_port, prefix.clone());
+                blocking(move || send_command(&dir, &host, port, &prefix, client_id, name))
+            };
+            let paused = "telemetry_agent_intake_paused";
+            send("pause_intake").await??;
+            if !wait_metric(&agent, paused, |v| v == 1.0, Duration::from_secs(10)).await {
+                fault_error = Some("pause_intake did not pause the agent".to_owned());
+            }
+            tokio::time::sleep(Duration::from_secs(COMMAND_PAUSE_SECS)).await;
+            send("flush").await??;
+            tokio::time::sleep(form.restart_pause).await;
+            answering_at = Some(restart_private(private.clone().context("private service")?).await?);
+            send("resume_intake").await??;
+            let run = "telemetry_agent_commands_run_total";
+            if !wait_metric(&agent, run, |v| v >= 3.0, Duration::from_secs(10)).await
+                || !wait_metric(&agent, paused, |v| v == 0.0, Duration::from_secs(10)).await
+            {
+                fault_error = Some("the agent did not carry out all three commands".to_owned());
+            }
+            let rejected = agent.metric("telemetry_agent_commands_rejected_total").await.unwrap_or(0.0);
+            let run = agent.metric(run).await.unwrap_or(0.0);
+            notes.push(format!("commands carried out {run}, refused {rejected}"));
         }
         Fault::EndToEndKillBroker | Fault::KillBroker => {
             let p = private.clone().context("private service")?;
