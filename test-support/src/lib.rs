@@ -4,14 +4,19 @@
 //! variables `scripts/stack env` prints (`TELEMETRY_*`, defaults equal to the
 //! stack's defaults). Each test gets its own Postgres database, ClickHouse
 //! database and MQTT topic prefix, so tests run in parallel. Tests that kill
-//! or restart a service get a [`PrivateService`] of their own.
+//! or restart a service get a [`PrivateService`] of their own. The local
+//! ClickHouse cluster (`scripts/stack up --cluster`) is reached through
+//! [`cluster()`].
 //!
 //! Missing services: a test that needs one **fails**, everywhere; a developer
 //! may opt in to skipping such tests visibly (`TELEMETRY_ALLOW_SKIP=1`, never
 //! under CI; each prints `SKIPPED: <reason>`).
 
+pub mod cluster;
 pub mod example_config;
 pub mod http;
+
+pub use cluster::{cluster, Cluster, ClusterNode};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
