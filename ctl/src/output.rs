@@ -74,25 +74,37 @@ pub fn json(outcomes: &[Outcome]) -> String {
     text
 }
 
-/// A compact one-line view of a result: an object as `key=value` pairs
-/// (strings without quotes where that is unambiguous, nested values as
-/// compact JSON), anything else as compact JSON; `null` and `{}` as nothing.
-/// Cut to `max` characters with a trailing `…`.
+/// Longest nested value shown whole in a summary; longer ones are counted.
+const NESTED_MAX_CHARS: usize = 40;
+
+/// A compact one-line view of a result: an object as `key=value` pairs,
+/// scalars first (strings without quotes where that is unambiguous), then
+/// nested values as compact JSON when short or as `{…N keys}` / `[…N]`;
+/// anything else as compact JSON; `null` and `{}` as nothing. Cut to `max`
+/// characters with a trailing `…`.
 #[must_use]
 pub fn summary(value: &Value, max: usize) -> String {
     let text = match value {
         Value::Null => String::new(),
-        Value::Object(map) => map.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join(" "),
-        other => scalar(other),
+        Value::Object(map) => {
+            let nested = |v: &Value| matches!(v, Value::Object(_) | Value::Array(_));
+            let (scalars, nests): (Vec<_>, Vec<_>) = map.iter().partition(|(_, v)| !nested(v));
+            scalars.into_iter().chain(nests).map(|(k, v)| format!("{k}={}", brief(v))).collect::<Vec<_>>().join(" ")
+        }
+        other => brief(other),
     };
     truncate(&one_line(&text), max)
 }
 
-fn scalar(value: &Value) -> String {
+fn brief(value: &Value) -> String {
     match value {
         Value::String(s) if !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '"' || c == '=') => {
             s.clone()
         }
+        Value::Object(map) if value.to_string().chars().count() > NESTED_MAX_CHARS => {
+            format!("{{…{} {}}}", map.len(), if map.len() == 1 { "key" } else { "keys" })
+        }
+        Value::Array(items) if value.to_string().chars().count() > NESTED_MAX_CHARS => format!("[…{}]", items.len()),
         other => other.to_string(),
     }
 }
@@ -172,8 +184,18 @@ edge-2   no reply       nothing within 5s
         assert_eq!(summary(&json!({}), 50), "");
         assert_eq!(
             summary(&json!({"filter": "edge_agent=debug,warn", "note": "two words", "n": 1.5, "c": {"a": [1]}}), 200),
-            r#"c={"a":[1]} filter="edge_agent=debug,warn" n=1.5 note="two words""#
+            r#"filter="edge_agent=debug,warn" n=1.5 note="two words" c={"a":[1]}"#,
+            "scalars first, short nested values whole"
         );
+        let status = json!({"config": {"a_long_key_name": 1, "another_long_key": 2, "k3": 3}, "intake_paused": false,
+            "status": {"outbox_rows": 0}, "list": (0..20).collect::<Vec<_>>()});
+        assert_eq!(
+            summary(&status, 200),
+            r#"intake_paused=false config={…3 keys} list=[…20] status={"outbox_rows":0}"#,
+            "long nested values are counted"
+        );
+        let one = json!({"needs_restart": {"mqtt_host": {"running": "10.0.0.5", "file": "10.0.0.6"}}});
+        assert_eq!(summary(&one, 200), "needs_restart={…1 key}");
         assert_eq!(summary(&json!("plain"), 50), "plain");
         assert_eq!(summary(&json!([1, 2]), 50), "[1,2]");
         let long = summary(&json!({"text": "x".repeat(300)}), 20);
