@@ -183,6 +183,23 @@ function echoCell(s) {
   return el("td", { "data-col": "echo", class: level }, parts.length ? parts.join(" · ") : "–");
 }
 
+// The last remote command the agent answered (absent before its first one
+// and from older agents: "–"): its name, ✓ or ✗ and how long ago; a failure
+// also shows the start of its summary. The whole summary, the id and the
+// time are the cell's tooltip. Text only: the summary comes from the device.
+const SUMMARY_SHOWN = 60;
+
+function lastCommandCell(s, nowMs) {
+  const c = s && known(s.last_command) ? s.last_command : null;
+  if (!c) return el("td", { "data-col": "last-command" }, "–");
+  const summary = c.summary.length > SUMMARY_SHOWN ? c.summary.slice(0, SUMMARY_SHOWN - 1) + "…" : c.summary;
+  const text = c.name + " " + (c.ok ? "✓" : "✗") + " · " + age(nowMs - c.ts_ms) + (c.ok ? "" : " · " + summary);
+  return el("td", {
+    "data-col": "last-command", class: c.ok ? "" : "bad",
+    title: c.name + " (id " + c.id + ") at " + stamp(c.ts_ms) + ": " + c.summary,
+  }, text);
+}
+
 function renderFleet(fleet) {
   const table = document.getElementById("fleet-table");
   setAttrs(table, {
@@ -208,6 +225,9 @@ function renderFleet(fleet) {
       "data-ingest-present": s && known(s.ingest_present) ? (s.ingest_present ? 1 : 0) : null,
       "data-echo-held-batches": s ? s.echo_held_batches : null,
       "data-echo-ahead-readings": s ? s.echo_ahead_readings : null,
+      "data-last-command-id": s && s.last_command ? s.last_command.id : null,
+      "data-last-command-ok": s && s.last_command ? (s.last_command.ok ? 1 : 0) : null,
+      "data-last-command-ts-ms": s && s.last_command ? s.last_command.ts_ms : null,
     },
       el("td", {}, c.client_id),
       el("td", { class: freshness(ageMs), title: c.last_seen_ms ? stamp(c.last_seen_ms) : "" }, age(ageMs)),
@@ -218,6 +238,7 @@ function renderFleet(fleet) {
       el("td", { "data-col": "oldest-age" }, s ? duration(s.oldest_age_s) : "–"),
       ...drainCells(s),
       echoCell(s),
+      lastCommandCell(s, fleet.now_ms),
       el("td", { class: s ? (s.connected ? "ok" : "bad") : "" }, s ? (s.connected ? "connected" : "offline") : "no status"),
       el("td", {}, String(c.sensors.length)),
     );

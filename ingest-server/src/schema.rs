@@ -15,8 +15,8 @@
 //! `CREATE ... IF NOT EXISTS` leaves an existing table as it is. Columns a
 //! later release adds to an existing table are listed in
 //! [`ADDED_STATUS_COLUMNS`] and added by [`ensure`] when missing (the only
-//! ones so far: the agents' backlog outlook and echo state in
-//! `agent_status`).
+//! ones so far: the agents' backlog outlook, echo state and last remote
+//! command in `agent_status`).
 
 use clickhouse::Client;
 
@@ -182,7 +182,12 @@ ORDER BY received_at",
     bytes_per_reading Nullable(Float64),
     ingest_present Nullable(UInt8),
     echo_held_batches Nullable(UInt64),
-    echo_ahead_readings Nullable(UInt64)
+    echo_ahead_readings Nullable(UInt64),
+    last_command_id Nullable(String),
+    last_command_name Nullable(String),
+    last_command_ok Nullable(UInt8),
+    last_command_ts_ms Nullable(Int64),
+    last_command_summary Nullable(String)
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
                 t = tables.agent_status
@@ -281,7 +286,12 @@ ORDER BY received_at{ttl}",
     bytes_per_reading Nullable(Float64),
     ingest_present Nullable(UInt8),
     echo_held_batches Nullable(UInt64),
-    echo_ahead_readings Nullable(UInt64)
+    echo_ahead_readings Nullable(UInt64),
+    last_command_id Nullable(String),
+    last_command_name Nullable(String),
+    last_command_ok Nullable(UInt8),
+    last_command_ts_ms Nullable(Int64),
+    last_command_summary Nullable(String)
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
                 t = tables.agent_status
@@ -306,18 +316,27 @@ ORDER BY (minute, client_id, token)",
 
 /// Columns of `agent_status` added after its first release, with their type
 /// (the same in both flavours, and as in [`ddl`]): the agent's backlog
-/// outlook and echo state, `NULL` when its status did not carry the field
-/// (older agents; the echo fields in ingest mode). `Nullable` rather than a
+/// outlook, echo state and last remote command, `NULL` when its status did
+/// not carry the field (older agents; the echo fields in ingest mode; the
+/// `last_command_*` five, all set or all `NULL`, before the agent's first
+/// command). `last_command_ts_ms` is Unix milliseconds in an `Int64`, as the
+/// agent sends it (18.16 has no `DateTime64`, and `DateTime` drops the
+/// milliseconds). `Nullable` rather than a
 /// sentinel, because every value is meaningful (a drain rate of 0 or below,
 /// an ETA of 0 for an empty outbox, `ingest_present` 0) and rows stored
 /// before the column existed read as `NULL` too.
-pub const ADDED_STATUS_COLUMNS: [(&str, &str); 6] = [
+pub const ADDED_STATUS_COLUMNS: [(&str, &str); 11] = [
     ("drain_per_s", "Nullable(Float64)"),
     ("drain_eta_s", "Nullable(Float64)"),
     ("bytes_per_reading", "Nullable(Float64)"),
     ("ingest_present", "Nullable(UInt8)"),
     ("echo_held_batches", "Nullable(UInt64)"),
     ("echo_ahead_readings", "Nullable(UInt64)"),
+    ("last_command_id", "Nullable(String)"),
+    ("last_command_name", "Nullable(String)"),
+    ("last_command_ok", "Nullable(UInt8)"),
+    ("last_command_ts_ms", "Nullable(Int64)"),
+    ("last_command_summary", "Nullable(String)"),
 ];
 
 /// The `ALTER TABLE` adding to `agent_status` those of
@@ -461,13 +480,15 @@ mod tests {
     fn only_missing_status_columns_are_added_and_only_current_says_if_not_exists() {
         let t = Tables::new("db");
         let old: Vec<String> = ["client_id", "ts", "outbox_rows", "connected", "received_at"].map(str::to_owned).into();
-        let legacy = add_status_columns(Flavor::Legacy, &t, &old).expect("all six are missing");
+        let legacy = add_status_columns(Flavor::Legacy, &t, &old).expect("all eleven are missing");
         assert_eq!(
             legacy,
             "ALTER TABLE `db`.`agent_status` ADD COLUMN drain_per_s Nullable(Float64), \
              ADD COLUMN drain_eta_s Nullable(Float64), ADD COLUMN bytes_per_reading Nullable(Float64), \
              ADD COLUMN ingest_present Nullable(UInt8), ADD COLUMN echo_held_batches Nullable(UInt64), \
-             ADD COLUMN echo_ahead_readings Nullable(UInt64)"
+             ADD COLUMN echo_ahead_readings Nullable(UInt64), ADD COLUMN last_command_id Nullable(String), \
+             ADD COLUMN last_command_name Nullable(String), ADD COLUMN last_command_ok Nullable(UInt8), \
+             ADD COLUMN last_command_ts_ms Nullable(Int64), ADD COLUMN last_command_summary Nullable(String)"
         );
         assert!(!legacy.contains("IF NOT EXISTS"), "18.16 refuses it: {legacy}");
         let mut partly = old.clone();
@@ -476,7 +497,23 @@ mod tests {
             add_status_columns(Flavor::Current, &t, &partly).as_deref(),
             Some(
                 "ALTER TABLE `db`.`agent_status` ADD COLUMN IF NOT EXISTS echo_held_batches Nullable(UInt64), \
-                 ADD COLUMN IF NOT EXISTS echo_ahead_readings Nullable(UInt64)"
+                 ADD COLUMN IF NOT EXISTS echo_ahead_readings Nullable(UInt64), \
+                 ADD COLUMN IF NOT EXISTS last_command_id Nullable(String), \
+                 ADD COLUMN IF NOT EXISTS last_command_name Nullable(String), \
+                 ADD COLUMN IF NOT EXISTS last_command_ok Nullable(UInt8), \
+                 ADD COLUMN IF NOT EXISTS last_command_ts_ms Nullable(Int64), \
+                 ADD COLUMN IF NOT EXISTS last_command_summary Nullable(String)"
+            )
+        );
+        // A table from the release that added the first six gains the last five.
+        let mut six = old.clone();
+        six.extend(ADDED_STATUS_COLUMNS[..6].iter().map(|(name, _)| (*name).to_owned()));
+        assert_eq!(
+            add_status_columns(Flavor::Legacy, &t, &six).as_deref(),
+            Some(
+                "ALTER TABLE `db`.`agent_status` ADD COLUMN last_command_id Nullable(String), \
+                 ADD COLUMN last_command_name Nullable(String), ADD COLUMN last_command_ok Nullable(UInt8), \
+                 ADD COLUMN last_command_ts_ms Nullable(Int64), ADD COLUMN last_command_summary Nullable(String)"
             )
         );
         partly.extend(ADDED_STATUS_COLUMNS.map(|(name, _)| name.to_owned()));

@@ -86,6 +86,11 @@ struct StatusRow<'a> {
     ingest_present: Option<u8>,
     echo_held_batches: Option<u64>,
     echo_ahead_readings: Option<u64>,
+    last_command_id: Option<&'a str>,
+    last_command_name: Option<&'a str>,
+    last_command_ok: Option<u8>,
+    last_command_ts_ms: Option<i64>,
+    last_command_summary: Option<&'a str>,
 }
 
 /// The ClickHouse writer shared by all insert tasks.
@@ -176,6 +181,7 @@ impl Writer {
         let mut insert =
             self.store.client().insert_unescaped::<StatusRow<'_>>(&self.store.tables().agent_status).await?;
         for (status, received_at) in &job.statuses {
+            let last = status.last_command.as_ref();
             insert
                 .write(&StatusRow {
                     client_id: &status.client_id,
@@ -193,6 +199,11 @@ impl Writer {
                     ingest_present: status.ingest_present.map(u8::from),
                     echo_held_batches: status.echo_held_batches,
                     echo_ahead_readings: status.echo_ahead_readings,
+                    last_command_id: last.map(|c| clip(&c.id, LAST_COMMAND_TEXT_MAX)),
+                    last_command_name: last.map(|c| clip(&c.name, LAST_COMMAND_TEXT_MAX)),
+                    last_command_ok: last.map(|c| u8::from(c.ok)),
+                    last_command_ts_ms: last.map(|c| c.ts_ms),
+                    last_command_summary: last.map(|c| clip(&c.summary, LAST_COMMAND_TEXT_MAX)),
                 })
                 .await?;
         }
@@ -517,6 +528,16 @@ pub fn partition_groups(days: &BTreeSet<i64>) -> Vec<BTreeSet<i64>> {
     sorted.chunks(MAX_PARTITIONS_PER_INSERT).map(|c| c.iter().copied().collect()).collect()
 }
 
+/// The longest id, name or summary of an agent's last command stored, in
+/// characters (agents send summaries of about 200; a longer text is cut, so
+/// a device cannot fill the status table with one message).
+pub const LAST_COMMAND_TEXT_MAX: usize = 256;
+
+/// `text` cut to at most `max` characters (on a character boundary).
+fn clip(text: &str, max: usize) -> &str {
+    text.char_indices().nth(max).map_or(text, |(at, _)| &text[..at])
+}
+
 fn finite(v: f64) -> f64 {
     if v.is_finite() {
         v
@@ -528,6 +549,14 @@ fn finite(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_command_texts_are_cut_on_a_character_boundary() {
+        assert_eq!(clip("ok", 256), "ok");
+        assert_eq!(clip("äöü", 3), "äöü");
+        assert_eq!(clip("äöü", 2), "äö");
+        assert_eq!(clip(&"é".repeat(300), LAST_COMMAND_TEXT_MAX).chars().count(), LAST_COMMAND_TEXT_MAX);
+    }
 
     #[test]
     fn readings_spanning_many_days_are_cut_into_inserts_of_at_most_64_partitions() {

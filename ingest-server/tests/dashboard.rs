@@ -18,7 +18,7 @@ use harness::{wait_for_async, Agent, Server, World};
 use rumqttc::QoS;
 use serde::Deserialize;
 use serde_json::Value;
-use telemetry_wire::{AgentStatus, Batch, Reading};
+use telemetry_wire::{AgentStatus, Batch, LastCommand, Reading};
 
 /// A sensor name that is HTML: the page must show it as text.
 const HTML_SENSOR: &str = "<i>x</i>";
@@ -29,8 +29,33 @@ const OLD_AGENT: &str = "dash-c";
 /// An agent whose outbox has rows and is not shrinking.
 const STALLED_AGENT: &str = "dash-d";
 /// The optional status fields, absent from older agents.
-const OPTIONAL_STATUS_FIELDS: [&str; 6] =
-    ["drain_per_s", "drain_eta_s", "bytes_per_reading", "ingest_present", "echo_held_batches", "echo_ahead_readings"];
+const OPTIONAL_STATUS_FIELDS: [&str; 7] = [
+    "drain_per_s",
+    "drain_eta_s",
+    "bytes_per_reading",
+    "ingest_present",
+    "echo_held_batches",
+    "echo_ahead_readings",
+    "last_command",
+];
+/// The `agent_status` columns of the optional fields (`last_command` takes five).
+const OPTIONAL_STATUS_COLUMNS: [&str; 11] = [
+    "drain_per_s",
+    "drain_eta_s",
+    "bytes_per_reading",
+    "ingest_present",
+    "echo_held_batches",
+    "echo_ahead_readings",
+    "last_command_id",
+    "last_command_name",
+    "last_command_ok",
+    "last_command_ts_ms",
+    "last_command_summary",
+];
+/// A failed command's summary, as a device could send it: markup, and longer
+/// than the fleet table shows.
+const HTML_SUMMARY: &str =
+    "bad_arguments: <img src=x onerror=alert(1)> is not a level; expected error, warn, info, debug or trace";
 
 // ---- fixture ---------------------------------------------------------------------
 
@@ -113,6 +138,14 @@ fn statuses() -> Vec<AgentStatus> {
             ingest_present: Some(true),
             echo_held_batches: Some(0),
             echo_ahead_readings: Some(1200),
+            // A flush three hours ago.
+            last_command: Some(LastCommand {
+                id: "op-1".into(),
+                name: "flush".into(),
+                ok: true,
+                ts_ms: now_ms() - 3 * 3_600_000,
+                summary: "ok".into(),
+            }),
             ..status("dash-a", 12, 0.4, 1.5, true)
         },
         // Ingest mode (no echo fields), the outbox empty.
@@ -132,6 +165,14 @@ fn statuses() -> Vec<AgentStatus> {
             ingest_present: Some(false),
             echo_held_batches: Some(3),
             echo_ahead_readings: Some(6000),
+            // A refused command two days ago.
+            last_command: Some(LastCommand {
+                id: "op-<b>2</b>".into(),
+                name: "set_log_level".into(),
+                ok: false,
+                ts_ms: now_ms() - 2 * 86_400_000,
+                summary: HTML_SUMMARY.into(),
+            }),
             ..status(STALLED_AGENT, 800, 65.0, 2.5, true)
         },
     ]
@@ -433,13 +474,19 @@ async fn api_numbers_match_clickhouse() {
     assert_eq!((&stalled["drain_per_s"], &stalled["drain_eta_s"]), (&serde_json::json!(-2.5), &Value::Null));
     assert_eq!(stalled["ingest_present"], false);
     assert_eq!(by_id["dash-b"]["status"]["echo_ahead_readings"], Value::Null, "ingest mode: no echo fields");
+    assert_eq!(by_id["dash-b"]["status"]["last_command"], Value::Null, "no command yet");
+    let stalled_command = &by_id[STALLED_AGENT]["status"]["last_command"];
+    assert_eq!(
+        (&stalled_command["id"], &stalled_command["name"], &stalled_command["ok"], &stalled_command["summary"]),
+        (&Value::from("op-<b>2</b>"), &Value::from("set_log_level"), &Value::Bool(false), &Value::from(HTML_SUMMARY))
+    );
     for field in OPTIONAL_STATUS_FIELDS {
         assert_eq!(by_id[OLD_AGENT]["status"][field], Value::Null, "older agent: {field}");
     }
     // ...stored as NULL, not as a stand-in value.
     let nulls = format!(
         "SELECT count() FROM DB.agent_status FINAL WHERE client_id = '{OLD_AGENT}' AND {}",
-        OPTIONAL_STATUS_FIELDS.map(|f| format!("isNull({f})")).join(" AND ")
+        OPTIONAL_STATUS_COLUMNS.map(|f| format!("isNull({f})")).join(" AND ")
     );
     assert_eq!(seeded.world.count(&nulls).await, 1);
 
@@ -575,9 +622,11 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
     ));
     setup.push(format!(
         "INSERT INTO {} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected, received_at,
-         drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings)
-         VALUES ('a', 1, 7, 8, 0.5, 1.0, 1.0, 1, now(), NULL, NULL, NULL, NULL, NULL, NULL),
-                ('a', 2, 9, 8, 0.5, 1.0, 1.0, 1, now(), -2.5, NULL, 9.75, 0, 3, 6000)",
+         drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings,
+         last_command_id, last_command_name, last_command_ok, last_command_ts_ms, last_command_summary)
+         VALUES ('a', 1, 7, 8, 0.5, 1.0, 1.0, 1, now(), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+                ('a', 2, 9, 8, 0.5, 1.0, 1.0, 1, now(), -2.5, NULL, 9.75, 0, 3, 6000, 'op-1', 'flush', 0, 1700000000123,
+                 'failed: <x>')",
         tables.agent_status
     ));
     // An older agent's status: the optional columns left out.
@@ -613,8 +662,11 @@ fn api_queries_run_on_current_clickhouse_in_chdb() {
         (queries::rollup_clients(&c, &tables, now_s, 10), "a\t['s']\t"),
         (queries::recent_clients(&c, &tables, flavor, from_s), &recent),
         (queries::statuses(&c, &tables, 10), "a\t2\t9\t"),
-        (queries::statuses(&c, &tables, 10), "\t-2.5\t\\N\t9.75\t0\t3\t6000\nb\t1\t3\t"),
-        (queries::statuses(&c, &tables, 10), "\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n"),
+        (
+            queries::statuses(&c, &tables, 10),
+            "\t-2.5\t\\N\t9.75\t0\t3\t6000\top-1\tflush\t0\t1700000000123\tfailed: <x>\nb\t1\t3\t",
+        ),
+        (queries::statuses(&c, &tables, 10), "\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n"),
         (queries::series(&c, &tables, flavor, "a", Some("s"), now_s - 3600, &[]), "s\t"),
         (queries::averages(&c, &tables, flavor, "a", None, now_us), &averages),
         (queries::latest(&c, &tables, flavor, "a", None, from_s * 1_000_000), "s\t1\t"),
@@ -872,6 +924,35 @@ async fn dashboard_renders_charts_and_numbers_in_chromium() {
     assert_eq!(class(STALLED_AGENT, "echo"), "bad", "no ingest server is marked");
     assert_eq!(class("dash-a", "drain-eta"), "", "a draining backlog is not");
     assert_eq!(class("dash-a", "echo"), "", "nor echo mode with an ingest server and nothing held");
+
+    // The last command: name, ✓/✗, age; a failure also the start of its
+    // summary; the whole summary in the tooltip. What the device sent is
+    // text, never markup.
+    let command = |client: &str| fleet_cell(&dom, client, "last-command");
+    assert_eq!(command("dash-a").1, "flush ✓ · 3.0 h ago");
+    assert_eq!(class("dash-a", "last-command"), "");
+    assert!(command("dash-a")
+        .0
+        .attr("title")
+        .is_some_and(|t| t.starts_with("flush (id op-1) at ") && t.ends_with(": ok")));
+    let shortened: String = HTML_SUMMARY.chars().take(59).collect();
+    assert_eq!(command(STALLED_AGENT).1, format!("set_log_level ✗ · 2.0 d ago · {shortened}…"));
+    assert_eq!(class(STALLED_AGENT, "last-command"), "bad", "a failed command is marked");
+    let title = command(STALLED_AGENT).0.attr("title").unwrap_or_default().to_owned();
+    assert!(title.starts_with("set_log_level (id op-<b>2</b>) at "), "{title}");
+    assert!(title.ends_with(&format!(": {HTML_SUMMARY}")), "{title}");
+    for sent in &seeded.statuses {
+        let r = row(&sent.client_id);
+        let c = sent.last_command.as_ref();
+        assert_eq!(r.attr("data-last-command-id"), c.map(|c| c.id.as_str()), "{}", sent.client_id);
+        assert_eq!(r.attr("data-last-command-ok").map(str::to_owned), c.map(|c| u8::from(c.ok).to_string()));
+        assert_eq!(r.attr("data-last-command-ts-ms").map(str::to_owned), c.map(|c| c.ts_ms.to_string()));
+    }
+    for client in ["dash-b", OLD_AGENT, OLD_CLIENT] {
+        assert_eq!(command(client).1, "–", "{client}: no command (yet), an older agent, no status");
+    }
+    assert!(tags.iter().all(|t| t.name != "img" && t.name != "b"), "a command's summary or id became an element");
+    assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "the summary is shown as text");
 
     // One chart per client and sensor: its minutes and numbers equal the raw
     // data's, and it drew one bar per minute and a mean line.

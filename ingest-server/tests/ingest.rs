@@ -148,6 +148,11 @@ struct StoredStatus {
     ingest_present: Option<u8>,
     echo_held_batches: Option<u64>,
     echo_ahead_readings: Option<u64>,
+    last_command_id: Option<String>,
+    last_command_name: Option<String>,
+    last_command_ok: Option<u8>,
+    last_command_ts_ms: Option<i64>,
+    last_command_summary: Option<String>,
 }
 
 impl StoredStatus {
@@ -163,6 +168,32 @@ impl StoredStatus {
             ingest_present: None,
             echo_held_batches: None,
             echo_ahead_readings: None,
+            last_command_id: None,
+            last_command_name: None,
+            last_command_ok: None,
+            last_command_ts_ms: None,
+            last_command_summary: None,
+        }
+    }
+
+    /// What [`echo_status`] is stored as.
+    fn echo(client_id: &str) -> Self {
+        let last = last_command();
+        Self {
+            client_id: client_id.into(),
+            outbox_rows: 42,
+            connected: 1,
+            drain_per_s: Some(12.5),
+            drain_eta_s: Some(3.36),
+            bytes_per_reading: Some(9.75),
+            ingest_present: Some(0),
+            echo_held_batches: Some(3),
+            echo_ahead_readings: Some(6000),
+            last_command_id: Some(last.id),
+            last_command_name: Some(last.name),
+            last_command_ok: Some(0),
+            last_command_ts_ms: Some(last.ts_ms),
+            last_command_summary: Some(last.summary),
         }
     }
 
@@ -170,7 +201,8 @@ impl StoredStatus {
     async fn all(world: &World) -> Vec<Self> {
         let sql = format!(
             "SELECT client_id, outbox_rows, connected, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present,
-                    echo_held_batches, echo_ahead_readings
+                    echo_held_batches, echo_ahead_readings, last_command_id, last_command_name, last_command_ok,
+                    last_command_ts_ms, last_command_summary
              FROM `{}`.agent_status FINAL ORDER BY client_id",
             world.database
         );
@@ -196,7 +228,19 @@ fn echo_status(client_id: &str) -> telemetry_wire::AgentStatus {
         ingest_present: Some(false),
         echo_held_batches: Some(3),
         echo_ahead_readings: Some(6000),
-        last_command: None,
+        last_command: Some(last_command()),
+    }
+}
+
+/// The last command in [`echo_status`]: one that failed, with markup in its
+/// summary (stored as sent; the dashboard shows it as text).
+fn last_command() -> telemetry_wire::LastCommand {
+    telemetry_wire::LastCommand {
+        id: "cmd-7".into(),
+        name: "set_log_level".into(),
+        ok: false,
+        ts_ms: 1_700_000_000_123,
+        summary: "bad_arguments: level <img src=x onerror=alert(1)>".into(),
     }
 }
 
@@ -233,21 +277,30 @@ async fn agent_status_messages_are_stored() {
     let old = r#"{"version":1,"client_id":"dev-o","ts":1700000000000000,"outbox_rows":7,"outbox_bytes":336,
         "oldest_age_s":0.8,"received_per_s":10.0,"confirmed_per_s":9.0,"connected":false}"#;
     publish_status(&world, "dev-o", old);
-    let current = StoredStatus {
-        client_id: "dev-s".into(),
-        outbox_rows: 42,
-        connected: 1,
-        drain_per_s: Some(12.5),
-        drain_eta_s: Some(3.36),
-        bytes_per_reading: Some(9.75),
-        ingest_present: Some(0),
-        echo_held_batches: Some(3),
-        echo_ahead_readings: Some(6000),
+    // A command that succeeded, with a summary longer than is stored.
+    let mut long = echo_status("dev-t");
+    long.last_command = Some(telemetry_wire::LastCommand {
+        id: "cmd-8".into(),
+        name: "flush".into(),
+        ok: true,
+        ts_ms: 1_700_000_000_456,
+        summary: "é".repeat(300),
+    });
+    publish_status(&world, "dev-t", &String::from_utf8(long.encode()).expect("json is utf-8"));
+    let clipped = StoredStatus {
+        client_id: "dev-t".into(),
+        last_command_id: Some("cmd-8".into()),
+        last_command_name: Some("flush".into()),
+        last_command_ok: Some(1),
+        last_command_ts_ms: Some(1_700_000_000_456),
+        last_command_summary: Some("é".repeat(ingest_server::writer::LAST_COMMAND_TEXT_MAX)),
+        ..StoredStatus::echo("dev-t")
     };
-    wait_statuses(&world, &[StoredStatus::old("dev-o", 7, 0), current]).await;
+    wait_statuses(&world, &[StoredStatus::old("dev-o", 7, 0), StoredStatus::echo("dev-s"), clipped]).await;
     assert_eq!(server.metrics.dead_letters_total(), 0);
     clear_status(&world, "dev-s");
     clear_status(&world, "dev-o");
+    clear_status(&world, "dev-t");
     server.stop().await;
 }
 
@@ -295,18 +348,7 @@ async fn a_status_table_from_an_older_release_gains_the_new_columns_at_start() {
     wait_statuses(&world, &[StoredStatus::old("dev-before", 5, 1)]).await;
     let server = Server::start(world.config()).await;
     publish_status(&world, "dev-new", &String::from_utf8(echo_status("dev-new").encode()).expect("json is utf-8"));
-    let new = StoredStatus {
-        client_id: "dev-new".into(),
-        outbox_rows: 42,
-        connected: 1,
-        drain_per_s: Some(12.5),
-        drain_eta_s: Some(3.36),
-        bytes_per_reading: Some(9.75),
-        ingest_present: Some(0),
-        echo_held_batches: Some(3),
-        echo_ahead_readings: Some(6000),
-    };
-    wait_statuses(&world, &[StoredStatus::old("dev-before", 5, 1), new]).await;
+    wait_statuses(&world, &[StoredStatus::old("dev-before", 5, 1), StoredStatus::echo("dev-new")]).await;
     clear_status(&world, "dev-new");
     server.stop().await;
 }
@@ -969,7 +1011,7 @@ fn an_older_status_table_gains_the_new_columns_on_current_clickhouse_in_chdb() {
     ]
     .map(str::to_owned)
     .into();
-    let alter = add_status_columns(Flavor::Current, &tables, &old).expect("all six to add");
+    let alter = add_status_columns(Flavor::Current, &tables, &old).expect("all eleven to add");
     let statements = vec![
         "CREATE DATABASE telemetry".to_owned(),
         // The table as the current flavour's release before created it, with a row of that time.
@@ -985,16 +1027,21 @@ fn an_older_status_table_gains_the_new_columns_on_current_clickhouse_in_chdb() {
         format!(
             "INSERT INTO {t} (client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s,
              connected, received_at, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches,
-             echo_ahead_readings) VALUES ('new', 2, 42, 4200, 1.5, 1.0, 1.0, 1, now(), 12.5, 3.36, 9.75, 0, 3, 6000)"
+             echo_ahead_readings, last_command_id, last_command_name, last_command_ok, last_command_ts_ms,
+             last_command_summary) VALUES ('new', 2, 42, 4200, 1.5, 1.0, 1.0, 1, now(), 12.5, 3.36, 9.75, 0, 3, 6000,
+             'cmd-7', 'flush', 1, 1700000000123, 'ok')"
         ),
         format!(
             "SELECT client_id, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present, echo_held_batches,
-             echo_ahead_readings, toTypeName(echo_ahead_readings) FROM {t} FINAL ORDER BY client_id"
+             echo_ahead_readings, toTypeName(echo_ahead_readings), last_command_id, last_command_name, last_command_ok,
+             last_command_ts_ms, toTypeName(last_command_ts_ms), last_command_summary
+             FROM {t} FINAL ORDER BY client_id"
         ),
     ];
     assert_eq!(
         harness::run_chdb(&statements),
-        "new\t12.5\t3.36\t9.75\t0\t3\t6000\tNullable(UInt64)\nold\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\tNullable(UInt64)\n"
+        "new\t12.5\t3.36\t9.75\t0\t3\t6000\tNullable(UInt64)\tcmd-7\tflush\t1\t1700000000123\tNullable(Int64)\tok\n\
+         old\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\tNullable(UInt64)\t\\N\t\\N\t\\N\t\\N\tNullable(Int64)\t\\N\n"
     );
 }
 
@@ -1195,7 +1242,7 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
         ("the ranges' expiry", "system.parts"),
         ("the status columns' check", "system.columns"),
         // The stand-in lists no columns, so all are added; chdb runs it over the current DDL below.
-        ("the status columns' upgrade", "ADD COLUMN IF NOT EXISTS echo_ahead_readings Nullable(UInt64)"),
+        ("the status columns' upgrade", "ADD COLUMN IF NOT EXISTS last_command_summary Nullable(String)"),
     ] {
         assert!(statements.iter().any(|s| s.contains(needle)), "{what} was captured: {statements:#?}");
     }
@@ -1209,7 +1256,8 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
             "SELECT client_id, epoch, first_seq, last_seq FROM telemetry.ingested_ranges",
             "SELECT client_id, reason, length(payload) FROM telemetry.ingest_errors",
             "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, connected, drain_per_s, drain_eta_s,
-                    bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings
+                    bytes_per_reading, ingest_present, echo_held_batches, echo_ahead_readings, last_command_id,
+                    last_command_name, last_command_ok, last_command_ts_ms, last_command_summary
              FROM telemetry.agent_status ORDER BY client_id",
         ],
     });
@@ -1235,8 +1283,9 @@ async fn the_writers_exact_rowbinary_bytes_load_into_current_clickhouse() {
     assert_eq!(
         results[4],
         format!(
-            "rb-1\t1700000000000000\t3\t4\t0.5\t1\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n\
-             rb-2\t{}\t42\t4200\t1.5\t1\t12.5\t3.36\t9.75\t0\t3\t6000\n",
+            "rb-1\t1700000000000000\t3\t4\t0.5\t1\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\n\
+             rb-2\t{}\t42\t4200\t1.5\t1\t12.5\t3.36\t9.75\t0\t3\t6000\tcmd-7\tset_log_level\t0\t1700000000123\t\
+             bad_arguments: level <img src=x onerror=alert(1)>\n",
             harness::BASE_TS
         ),
         "the agent statuses: an older agent's (NULLs) and a current one's"

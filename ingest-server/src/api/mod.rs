@@ -2,7 +2,7 @@
 //!
 //! | endpoint | parameters | answer |
 //! | --- | --- | --- |
-//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected; drain rate and ETA, bytes per reading and, in echo mode, ingest presence, held batches and echo-ahead readings, each `null` when the agent did not send it) |
+//! | `GET /api/clients` | `window_s` (1..=3600, default 60), `limit` (1..=10000, default 1000) | every client with data in the last 7 days or a status: sensors, last seen, stored readings/s by reading time over whole minutes, from the start of the minute `window_s` ago (`from_ms`) until now, read from the rollup (raw rows only for minutes not folded yet), latest agent status (outbox backlog, rates, connected; drain rate and ETA, bytes per reading and, in echo mode, ingest presence, held batches and echo-ahead readings, the last remote command answered as `{id, name, ok, ts_ms, summary}`; each `null` when the agent did not send it) |
 //! | `GET /api/series` | `client_id` (required), `sensor` (optional: all), `minutes` (1..=1440, default 60) | the 1-minute rollup: count, avg, min, max per minute |
 //! | `GET /api/averages` | `client_id` (required), `sensor` (optional) | per sensor: count and mean of the deduplicated readings over the whole minutes since the start of the minute 1, 5 and 30 minutes ago (`from_ms` per window; from the rollup, raw rows only for minutes not folded yet), and the latest value (raw rows of its last minute) |
 //! | `GET /api/health` | none | the server's own counters: received, stored, duplicates, dead letters, insert latency, unacked; ClickHouse reachability |
@@ -252,6 +252,44 @@ pub struct StatusView {
     pub echo_held_batches: Option<u64>,
     /// Echo mode: readings echoed and not yet acked by an ingest server.
     pub echo_ahead_readings: Option<u64>,
+    /// The last remote command the agent answered (`null` before its first
+    /// one since it started, and from older agents).
+    pub last_command: Option<LastCommandView>,
+}
+
+/// The last remote command an agent answered, as its status carried it.
+#[derive(Debug, Serialize)]
+pub struct LastCommandView {
+    /// The command's id.
+    pub id: String,
+    /// Its name (`flush`, `status`, ...).
+    pub name: String,
+    /// Whether it was carried out.
+    pub ok: bool,
+    /// When the agent answered it, Unix ms.
+    pub ts_ms: i64,
+    /// `ok`, or the error kind and message (at most
+    /// [`crate::writer::LAST_COMMAND_TEXT_MAX`] characters).
+    pub summary: String,
+}
+
+impl LastCommandView {
+    /// The command from a status row's five columns: all set, or none (a row
+    /// with only some set, which the writer never stores, reads as none).
+    fn from_row(s: &queries::StatusRow) -> Option<Self> {
+        match (
+            &s.last_command_id,
+            &s.last_command_name,
+            s.last_command_ok,
+            s.last_command_ts_ms,
+            &s.last_command_summary,
+        ) {
+            (Some(id), Some(name), Some(ok), Some(ts_ms), Some(summary)) => {
+                Some(Self { id: id.clone(), name: name.clone(), ok: ok != 0, ts_ms, summary: summary.clone() })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -329,6 +367,7 @@ impl Api {
                 ingest_present: s.ingest_present.map(|p| p != 0),
                 echo_held_batches: s.echo_held_batches,
                 echo_ahead_readings: s.echo_ahead_readings,
+                last_command: LastCommandView::from_row(&s),
             });
         }
         let clients = by_id.into_values().take(limit as usize).collect();

@@ -130,6 +130,17 @@ pub struct StatusRow {
     pub echo_held_batches: Option<u64>,
     /// Echo mode: readings echoed, not yet acked by an ingest server.
     pub echo_ahead_readings: Option<u64>,
+    /// The last remote command the agent answered: its id (this and the next
+    /// four `None` before its first command, and from older agents).
+    pub last_command_id: Option<String>,
+    /// Its name.
+    pub last_command_name: Option<String>,
+    /// 1 when it was carried out.
+    pub last_command_ok: Option<u8>,
+    /// When it was answered, Unix ms.
+    pub last_command_ts_ms: Option<i64>,
+    /// `ok`, or the error kind and message.
+    pub last_command_summary: Option<String>,
 }
 
 /// The latest status of every agent.
@@ -137,7 +148,8 @@ pub fn statuses(client: &Client, tables: &Tables, limit: u32) -> Query {
     let sql = format!(
         "SELECT client_id, ts, outbox_rows, outbox_bytes, oldest_age_s, received_per_s, confirmed_per_s, connected,
        toUInt32(received_at) AS received, drain_per_s, drain_eta_s, bytes_per_reading, ingest_present,
-       echo_held_batches, echo_ahead_readings
+       echo_held_batches, echo_ahead_readings, last_command_id, last_command_name, last_command_ok,
+       last_command_ts_ms, last_command_summary
 FROM {t} FINAL ORDER BY client_id LIMIT ?",
         t = tables.agent_status
     );
