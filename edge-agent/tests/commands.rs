@@ -299,3 +299,68 @@ async fn set_log_level_and_reload_change_what_they_may_and_report_the_rest() {
     let _ = std::fs::remove_dir_all(&dir);
     agent.shutdown().await;
 }
+
+/// The binary wires `set_log_level` to its real log filter and `reload` to
+/// its configuration file (the in-process tests above pass closures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_changes_its_log_filter_and_reloads_its_file() {
+    let Some(stack) = stack_or_skip(PG_MQTT) else { return };
+    let pg = fresh_pg_database(&stack).await;
+    let prefix = topic_prefix();
+    let dir = std::env::temp_dir().join(test_support::unique_name("agent_bin"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    let config = |rate: u64| {
+        format!(
+            "client_id = \"dev-1\"\npostgres_url = \"{pg}\"\nmqtt_port = {}\ntopic_prefix = \"{prefix}\"\n\
+             listen = [\"tcp://127.0.0.1:0\"]\nhttp_listen = \"\"\nreplay_max_rate = {rate}\n",
+            stack.mqtt_port
+        )
+    };
+    std::fs::write(&file, config(0)).unwrap();
+    // The agent logs to standard output.
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let _agent = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--mqtt-client-id")
+            .arg(test_support::unique_name("agent_bin"))
+            .env("RUST_LOG", "warn")
+            .env_remove("EDGE_AGENT_CONFIG")
+            .stdout(log)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start edge-agent"),
+    );
+    let mut op = Operator::start(stack.mqtt_port, &prefix).await;
+    op.ready().await;
+    let logged = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    // Each command is logged at info: filtered out under RUST_LOG=warn.
+    assert!(!logged().contains("remote command"), "info lines under RUST_LOG=warn: {}", logged());
+
+    let r = op.ask("lvl", "set_log_level", json!({"filter": "edge_agent=info"})).await;
+    assert!(r.ok, "{r:?}");
+    op.send("after-change", "status", json!({})).await;
+    let _ = op.reply().await;
+    eventually(Duration::from_secs(10), "the next command's info line in the agent's log", || {
+        logged().lines().any(|l| l.contains("INFO") && l.contains("remote command") && l.contains("after-change"))
+    })
+    .await;
+
+    std::fs::write(&file, config(777)).unwrap();
+    let r = op.ask("rl", "reload", json!({})).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.result.unwrap()["applied"], json!({"replay_max_rate": 777}));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
