@@ -2,54 +2,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value};
+pub use telemetry_wire::command::Action;
 use telemetry_wire::command::COMMAND_MAX_BYTES;
-use telemetry_wire::{Command, CommandName};
+use telemetry_wire::Command;
 
 use crate::UsageError;
-
-/// What to ask the agents to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// `status`.
-    Status,
-    /// `flush`.
-    Flush,
-    /// `pause_intake`.
-    PauseIntake,
-    /// `resume_intake`.
-    ResumeIntake,
-    /// `set_log_level` with `args.filter`.
-    SetLogLevel {
-        /// An `EnvFilter` directive such as `debug` or `edge_agent=debug,warn`.
-        filter: String,
-    },
-    /// `reload`.
-    Reload,
-}
-
-impl Action {
-    /// The command's name on the wire.
-    #[must_use]
-    pub fn name(&self) -> CommandName {
-        match self {
-            Action::Status => CommandName::Status,
-            Action::Flush => CommandName::Flush,
-            Action::PauseIntake => CommandName::PauseIntake,
-            Action::ResumeIntake => CommandName::ResumeIntake,
-            Action::SetLogLevel { .. } => CommandName::SetLogLevel,
-            Action::Reload => CommandName::Reload,
-        }
-    }
-
-    fn args(&self) -> Map<String, Value> {
-        let mut args = Map::new();
-        if let Action::SetLogLevel { filter } = self {
-            args.insert("filter".into(), Value::from(filter.as_str()));
-        }
-        args
-    }
-}
 
 /// A fresh command id, `ctl-` and 16 hex digits.
 #[must_use]
@@ -78,7 +35,7 @@ pub fn build(action: &Action, id: &str, now_ms: i64, timeout: Duration) -> Resul
         }
     }
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
-    let command = Command::new(id, action.name(), action.args(), now_ms.saturating_add(timeout_ms));
+    let command = Command::for_action(id, action, now_ms.saturating_add(timeout_ms));
     let size = command.encode().len();
     if size > COMMAND_MAX_BYTES {
         return Err(UsageError(format!("the command is {size} bytes; agents take at most {COMMAND_MAX_BYTES}")));
@@ -116,6 +73,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+    use telemetry_wire::CommandName;
 
     #[test]
     fn commands_carry_their_name_args_and_expiry() {

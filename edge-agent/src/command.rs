@@ -16,15 +16,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde_json::{Map, Value};
-use telemetry_wire::command::{Command, CommandError, CommandName, ErrorKind};
+pub use telemetry_wire::command::Action;
+use telemetry_wire::command::{Command, CommandError, ErrorKind};
 
 use crate::config::Config;
 
 /// Answered ids kept for repeats, at most.
 pub const REMEMBERED: usize = 256;
-
-/// Longest log filter accepted by `set_log_level`.
-const MAX_FILTER_LEN: usize = 512;
 
 /// What to do with one command payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,38 +56,6 @@ pub enum Decision {
     },
 }
 
-/// A checked command with its arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Report status and configuration.
-    Status,
-    /// Publish what is committed now.
-    Flush,
-    /// Stop reading sensor sockets.
-    PauseIntake,
-    /// Read them again.
-    ResumeIntake,
-    /// Replace the log filter with this directive.
-    SetLogLevel(String),
-    /// Re-read the configuration file.
-    Reload,
-}
-
-impl Action {
-    /// The command's name.
-    #[must_use]
-    pub fn name(&self) -> CommandName {
-        match self {
-            Action::Status => CommandName::Status,
-            Action::Flush => CommandName::Flush,
-            Action::PauseIntake => CommandName::PauseIntake,
-            Action::ResumeIntake => CommandName::ResumeIntake,
-            Action::SetLogLevel(_) => CommandName::SetLogLevel,
-            Action::Reload => CommandName::Reload,
-        }
-    }
-}
-
 /// The answered ids, for repeats.
 #[derive(Debug, Default)]
 pub struct CommandBook {
@@ -116,11 +82,7 @@ impl CommandBook {
             name: Some(command.name.clone()),
             error,
         };
-        let name = match command.command_name() {
-            Ok(n) => n,
-            Err(error) => return refuse(error),
-        };
-        match check_args(name, &command.args) {
+        match command.action().and_then(check_filter) {
             Ok(action) => Decision::Run { id: command.id, expires_at_ms: command.expires_at_ms, action },
             Err(error) => refuse(error),
         }
@@ -154,42 +116,15 @@ impl CommandBook {
     }
 }
 
-/// The arguments of `name`, checked.
-fn check_args(name: CommandName, args: &Map<String, Value>) -> Result<Action, CommandError> {
-    let bad = |message: String| Err(CommandError::new(ErrorKind::BadArguments, message));
-    let none = |action: Action| {
-        if args.is_empty() {
-            Ok(action)
-        } else {
-            let keys: Vec<&str> = args.keys().map(String::as_str).collect();
-            bad(format!("{name} takes no arguments (got {})", keys.join(", ")))
-        }
-    };
-    match name {
-        CommandName::Status => none(Action::Status),
-        CommandName::Flush => none(Action::Flush),
-        CommandName::PauseIntake => none(Action::PauseIntake),
-        CommandName::ResumeIntake => none(Action::ResumeIntake),
-        CommandName::Reload => none(Action::Reload),
-        CommandName::SetLogLevel => {
-            if let Some(extra) = args.keys().find(|k| *k != "filter") {
-                return bad(format!("set_log_level takes only \"filter\" (got {extra:?})"));
-            }
-            let Some(filter) = args.get("filter") else {
-                return bad("set_log_level needs \"filter\", e.g. \"debug\" or \"edge_agent=debug,warn\"".into());
-            };
-            let Some(filter) = filter.as_str() else {
-                return bad(format!("\"filter\" must be a string, not {filter}"));
-            };
-            if filter.trim().is_empty() || filter.len() > MAX_FILTER_LEN {
-                return bad(format!("\"filter\" must be 1 to {MAX_FILTER_LEN} characters"));
-            }
-            if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(filter) {
-                return bad(format!("\"filter\" is not a log filter: {error}"));
-            }
-            Ok(Action::SetLogLevel(filter.to_owned()))
+/// A log filter must parse as a `tracing` directive (the wire checks only
+/// that it is a short string).
+fn check_filter(action: Action) -> Result<Action, CommandError> {
+    if let Action::SetLogLevel { filter } = &action {
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(filter) {
+            return Err(CommandError::new(ErrorKind::BadArguments, format!("\"filter\" is not a log filter: {error}")));
         }
     }
+    Ok(action)
 }
 
 /// Keys a `reload` applies to the running agent; every other key that
@@ -301,7 +236,9 @@ mod tests {
         );
         assert_eq!(kind(book.decide(&vec![b'x'; 20_000], 0)), ErrorKind::TooLarge);
         let ok = book.decide(&payload("b", "set_log_level", json!({"filter": "edge_agent=debug,warn"}), 9), 0);
-        assert!(matches!(ok, Decision::Run { action: Action::SetLogLevel(f), .. } if f == "edge_agent=debug,warn"));
+        assert!(
+            matches!(ok, Decision::Run { action: Action::SetLogLevel { filter }, .. } if filter == "edge_agent=debug,warn")
+        );
     }
 
     #[test]

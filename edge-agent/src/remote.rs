@@ -164,7 +164,7 @@ impl Remote {
                 }
                 Ok(json!({ "intake_paused": pause, "was_paused": was }))
             }
-            Action::SetLogLevel(filter) => {
+            Action::SetLogLevel { filter } => {
                 let control = self
                     .controls
                     .log

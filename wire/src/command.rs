@@ -77,6 +77,96 @@ impl std::fmt::Display for CommandName {
     }
 }
 
+/// A known command with its arguments checked: what an operator asks for
+/// and what an agent carries out (one type for both ends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `status`.
+    Status,
+    /// `flush`.
+    Flush,
+    /// `pause_intake`.
+    PauseIntake,
+    /// `resume_intake`.
+    ResumeIntake,
+    /// `set_log_level` with `args.filter`.
+    SetLogLevel {
+        /// An `EnvFilter` directive such as `debug` or `edge_agent=debug,warn`
+        /// (1 to [`FILTER_MAX_LEN`] characters; its syntax is the agent's
+        /// to check).
+        filter: String,
+    },
+    /// `reload`.
+    Reload,
+}
+
+/// Longest log filter `set_log_level` takes.
+pub const FILTER_MAX_LEN: usize = 512;
+
+impl Action {
+    /// The command's name.
+    #[must_use]
+    pub fn name(&self) -> CommandName {
+        match self {
+            Action::Status => CommandName::Status,
+            Action::Flush => CommandName::Flush,
+            Action::PauseIntake => CommandName::PauseIntake,
+            Action::ResumeIntake => CommandName::ResumeIntake,
+            Action::SetLogLevel { .. } => CommandName::SetLogLevel,
+            Action::Reload => CommandName::Reload,
+        }
+    }
+
+    /// Its arguments on the wire.
+    #[must_use]
+    pub fn args(&self) -> Map<String, Value> {
+        let mut args = Map::new();
+        if let Action::SetLogLevel { filter } = self {
+            args.insert("filter".into(), Value::from(filter.as_str()));
+        }
+        args
+    }
+
+    /// The command `name` with `args`, checked.
+    ///
+    /// # Errors
+    /// [`ErrorKind::BadArguments`]: missing, unexpected or mistyped
+    /// arguments.
+    pub fn from_parts(name: CommandName, args: &Map<String, Value>) -> Result<Self, CommandError> {
+        let bad = |message: String| Err(CommandError::new(ErrorKind::BadArguments, message));
+        let none = |action: Action| {
+            if args.is_empty() {
+                Ok(action)
+            } else {
+                let keys: Vec<&str> = args.keys().map(String::as_str).collect();
+                bad(format!("{name} takes no arguments (got {})", keys.join(", ")))
+            }
+        };
+        match name {
+            CommandName::Status => none(Action::Status),
+            CommandName::Flush => none(Action::Flush),
+            CommandName::PauseIntake => none(Action::PauseIntake),
+            CommandName::ResumeIntake => none(Action::ResumeIntake),
+            CommandName::Reload => none(Action::Reload),
+            CommandName::SetLogLevel => {
+                if let Some(extra) = args.keys().find(|k| *k != "filter") {
+                    return bad(format!("set_log_level takes only \"filter\" (got {extra:?})"));
+                }
+                let Some(filter) = args.get("filter") else {
+                    return bad("set_log_level needs \"filter\", e.g. \"debug\" or \"edge_agent=debug,warn\"".into());
+                };
+                let Some(filter) = filter.as_str() else {
+                    return bad(format!("\"filter\" must be a string, not {filter}"));
+                };
+                if filter.trim().is_empty() || filter.len() > FILTER_MAX_LEN {
+                    return bad(format!("\"filter\" must be 1 to {FILTER_MAX_LEN} characters"));
+                }
+                Ok(Action::SetLogLevel { filter: filter.to_owned() })
+            }
+        }
+    }
+}
+
 /// A command as published by an operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +279,20 @@ impl Command {
         Self { id: id.into(), name: name.as_str().to_owned(), args, expires_at_ms }
     }
 
+    /// The command for `action`, id `id`, expiring at `expires_at_ms`.
+    #[must_use]
+    pub fn for_action(id: impl Into<String>, action: &Action, expires_at_ms: i64) -> Self {
+        Self::new(id, action.name(), action.args(), expires_at_ms)
+    }
+
+    /// What this command asks for, checked.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UnknownCommand`] or [`ErrorKind::BadArguments`].
+    pub fn action(&self) -> Result<Action, CommandError> {
+        Action::from_parts(self.command_name()?, &self.args)
+    }
+
     /// Encodes as JSON.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
@@ -277,6 +381,32 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::TooLarge);
         let unknown = Command::decode(br#"{"id":"a","name":"format_disk","expires_at_ms":1}"#).unwrap();
         assert_eq!(unknown.command_name().unwrap_err().kind, ErrorKind::UnknownCommand);
+    }
+
+    #[test]
+    fn actions_round_trip_and_bad_arguments_are_refused() {
+        let filter = Action::SetLogLevel { filter: "edge_agent=debug,warn".into() };
+        for action in [Action::Status, Action::Flush, Action::PauseIntake, Action::ResumeIntake, Action::Reload, filter]
+        {
+            let c = Command::decode(&Command::for_action("a", &action, 1).encode()).unwrap();
+            assert_eq!(c.action().unwrap(), action);
+        }
+        let kind = |json: &str| Command::decode(json.as_bytes()).unwrap().action().unwrap_err().kind;
+        assert_eq!(kind(r#"{"id":"a","name":"flush","args":{"now":1},"expires_at_ms":1}"#), ErrorKind::BadArguments);
+        assert_eq!(kind(r#"{"id":"a","name":"set_log_level","expires_at_ms":1}"#), ErrorKind::BadArguments);
+        assert_eq!(
+            kind(r#"{"id":"a","name":"set_log_level","args":{"filter":3},"expires_at_ms":1}"#),
+            ErrorKind::BadArguments
+        );
+        assert_eq!(
+            kind(r#"{"id":"a","name":"set_log_level","args":{"filter":" "},"expires_at_ms":1}"#),
+            ErrorKind::BadArguments
+        );
+        assert_eq!(
+            kind(r#"{"id":"a","name":"set_log_level","args":{"filter":"x","y":1},"expires_at_ms":1}"#),
+            ErrorKind::BadArguments
+        );
+        assert_eq!(kind(r#"{"id":"a","name":"nope","expires_at_ms":1}"#), ErrorKind::UnknownCommand);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub mod status;
 pub use ack::{IngestAck, SeqRange};
 pub use batch::Batch;
 pub use codec::{bincode_config, BincodeConfig, MAX_PAYLOAD_BYTES};
-pub use command::{Command, CommandError, CommandName, ErrorKind, Reply};
+pub use command::{Action, Command, CommandError, CommandName, ErrorKind, Reply};
 pub use error::DecodeError;
 pub use frame::{AckFrameCodec, FrameError, SensorFrameCodec, DEFAULT_MAX_FRAME_BYTES};
 pub use json::JsonError;
