@@ -67,6 +67,15 @@ telemetry_settings::settings! {
     /// File holding the ClickHouse password (one trailing newline ignored);
     /// instead of `clickhouse_password`.
     clickhouse_password_file: PathBuf = PathBuf::new(), env "INGEST_CLICKHOUSE_PASSWORD_FILE";
+    /// ClickHouse cluster (a name in the servers' `remote_servers`; empty:
+    /// a single server, the default). When set, every table is created in
+    /// its cluster form: a `Replicated*MergeTree` table `<name>_local` on
+    /// every node (`ON CLUSTER`, the `{shard}` and `{replica}` macros) and
+    /// a `Distributed` table under the table's own name, sharded by
+    /// `cityHash64(client_id)`; the server inserts through the `Distributed`
+    /// tables with `insert_distributed_sync = 1` (see
+    /// `deploy/clickhouse-schema.md`, "On a cluster").
+    clickhouse_cluster: String = String::new(), env "INGEST_CLICKHOUSE_CLUSTER";
     /// Retention of raw readings in days (0: keep forever). Applied as a
     /// table TTL on ClickHouse versions that have TTL (not 18.16).
     retention_days: u32 = 0, env "INGEST_RETENTION_DAYS";
@@ -153,6 +162,13 @@ impl Config {
         if !ident_ok {
             return Err(invalid("clickhouse_database", "must match [A-Za-z_][A-Za-z0-9_]*"));
         }
+        let cluster = &self.clickhouse_cluster;
+        let cluster_ok = cluster.is_empty()
+            || (cluster.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        if !cluster_ok {
+            return Err(invalid("clickhouse_cluster", "must be empty or match [A-Za-z_][A-Za-z0-9_]*"));
+        }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
             return Err(invalid("topic_prefix", "must be non-empty, without wildcards and without a trailing '/'"));
         }
@@ -234,7 +250,8 @@ pub struct Cli {
     pub log_format: String,
     /// Print the DDL the server would run for this ClickHouse flavour
     /// (`legacy`: before 20.3, e.g. 18.16; `current`) in the configured
-    /// database, then exit: for a DBA who creates the tables by hand.
+    /// database (and, with `clickhouse_cluster`, in its cluster form), then
+    /// exit: for a DBA who creates the tables by hand.
     #[arg(long, value_name = "FLAVOR", value_parser = ["legacy", "current"])]
     pub print_schema: Option<String>,
     #[command(flatten)]
@@ -337,6 +354,8 @@ mod tests {
     fn bad_values_are_named() {
         let c = Config { clickhouse_database: "a-b".into(), ..Config::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "clickhouse_database", .. })));
+        let c = Config { clickhouse_cluster: "my-cluster".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "clickhouse_cluster", .. })));
         let c = Config { topic_prefix: "/t/#".into(), ..Config::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "topic_prefix", .. })));
     }

@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             ingest_server::schema::Flavor::Legacy
         };
-        let tables = ingest_server::schema::Tables::new(&config.clickhouse_database);
+        let tables = ingest_server::schema::Tables::for_config(&config);
         for statement in ingest_server::schema::ddl(flavor, &tables, config.retention_days) {
             println!("{statement};\n");
         }

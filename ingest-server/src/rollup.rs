@@ -537,11 +537,12 @@ pub fn live_rows_sql(tables: &Tables, flavor: Flavor, from_s: Option<i64>, one_c
             "SELECT client_id, sensor, {minute} AS minute, count() AS {prefix}count, sum(value) AS {prefix}sum,
            avg(value) AS {prefix}avg, min(value) AS {prefix}min, max(value) AS {prefix}max{extra}
     FROM {readings} FINAL
-    WHERE client_id IN (SELECT client_id FROM ({pending})) AND {oldest}
+    WHERE client_id {gin} (SELECT client_id FROM ({pending})) AND {oldest}
     GROUP BY client_id, sensor, minute
-    HAVING (client_id, minute) IN ({pending})",
+    HAVING (client_id, minute) {gin} ({pending})",
             readings = tables.readings,
             minute = flavor.minute_of_ts(),
+            gin = tables.in_subquery(),
         )
     };
     let folded = |extra: &str| {

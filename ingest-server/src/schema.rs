@@ -81,6 +81,11 @@ pub struct Tables {
     pub rollup_queue: String,
     /// `<db>.readings_1m_live`: the view of the exact rollup including open minutes.
     pub readings_1m_live: String,
+    /// The ClickHouse cluster (`clickhouse_cluster`), if the tables are in
+    /// their cluster form: every name above is then a `Distributed` table
+    /// (the view: a view over them) in front of `<name>_local`
+    /// ([`Tables::local`]).
+    pub cluster: Option<String>,
 }
 
 impl Tables {
@@ -97,16 +102,131 @@ impl Tables {
             agent_status: q("agent_status"),
             rollup_queue: q("rollup_queue"),
             readings_1m_live: q("readings_1m_live"),
+            cluster: None,
         }
     }
+
+    /// The same tables in their cluster form on `cluster` (already
+    /// validated as a plain identifier); an empty name: a single server.
+    #[must_use]
+    pub fn on_cluster(mut self, cluster: &str) -> Self {
+        self.cluster = Some(cluster.to_owned()).filter(|c| !c.is_empty());
+        self
+    }
+
+    /// The tables of `config`: its database, and its cluster if set.
+    #[must_use]
+    pub fn for_config(config: &crate::config::Config) -> Self {
+        Self::new(&config.clickhouse_database).on_cluster(&config.clickhouse_cluster)
+    }
+
+    /// `<db>.<name>_local`: in the cluster form, the replicated table on
+    /// each node behind the `Distributed` table `name`.
+    #[must_use]
+    pub fn local(&self, name: &str) -> String {
+        format!("`{}`.`{name}_local`", self.database)
+    }
+
+    /// ` ON CLUSTER <cluster>` in the cluster form, else nothing: 18.16
+    /// wants it right after the table's name.
+    #[must_use]
+    pub fn on_cluster_clause(&self) -> String {
+        self.cluster.as_ref().map_or_else(String::new, |c| format!(" ON CLUSTER {c}"))
+    }
+
+    /// `IN`, or `GLOBAL IN` in the cluster form: a subquery over a
+    /// `Distributed` table inside a query over another one is refused by
+    /// default ("Double-distributed IN/JOIN subqueries is denied",
+    /// `distributed_product_mode = 'deny'`); `GLOBAL` runs it once, on the
+    /// node that got the query, and ships its result to the shards, which
+    /// is also what the single-server form means (the set read once).
+    #[must_use]
+    pub fn in_subquery(&self) -> &'static str {
+        if self.cluster.is_some() {
+            "GLOBAL IN"
+        } else {
+            "IN"
+        }
+    }
+}
+
+/// The tables of the cluster form, by short name: every table has a
+/// `client_id`, and all rows of one client live on one shard.
+pub const CLUSTER_SHARDING_KEY: &str = "cityHash64(client_id)";
+
+/// The cluster form of one single-server `CREATE TABLE` statement of
+/// [`ddl`] (for table `name`): the replicated local table on every node,
+/// then the `Distributed` table under the original name. The local table
+/// has the same columns, `PARTITION BY`, `ORDER BY` and TTL; its engine is
+/// the `Replicated` variant of the same one (ZooKeeper path
+/// `/clickhouse/tables/{shard}/<db>/<name>`, replica `{replica}`). The
+/// `Distributed` table lists the same columns, a `MATERIALIZED` one as
+/// `ALIAS` (18.16 computes a `MATERIALIZED` column on the `Distributed`
+/// table and the shard then refuses the insert, code 44; an `ALIAS` is sent
+/// to the shards by name, where the local table has it materialized, so
+/// partition pruning by `dt` still works).
+fn cluster_statements(tables: &Tables, cluster: &str, name: &str, statement: &str) -> [String; 2] {
+    let db = &tables.database;
+    let full = format!("`{db}`.`{name}`");
+    let head = format!("CREATE TABLE IF NOT EXISTS {full} (");
+    let body = statement.strip_prefix(head.as_str()).unwrap_or_else(|| panic!("{name}: unexpected DDL {statement}"));
+    let (columns, rest) =
+        body.split_once("\n) ENGINE = ").unwrap_or_else(|| panic!("{name}: no engine in {statement}"));
+    let (engine, rest) = rest.split_once('(').unwrap_or_else(|| panic!("{name}: no engine arguments"));
+    let (args, rest) = rest.split_once(')').unwrap_or_else(|| panic!("{name}: engine arguments unclosed"));
+    let path = format!("'/clickhouse/tables/{{shard}}/{db}/{name}', '{{replica}}'");
+    let args = if args.trim().is_empty() { path } else { format!("{path}, {args}") };
+    let local = format!(
+        "CREATE TABLE IF NOT EXISTS {local} ON CLUSTER {cluster} ({columns}\n) ENGINE = Replicated{engine}({args}){rest}",
+        local = tables.local(name)
+    );
+    let distributed = format!(
+        "CREATE TABLE IF NOT EXISTS {full} ON CLUSTER {cluster} ({columns}\n) ENGINE = Distributed({cluster}, {db}, {name}_local, {CLUSTER_SHARDING_KEY})",
+        columns = columns.replace(" MATERIALIZED ", " ALIAS "),
+    );
+    [local, distributed]
+}
+
+/// The short name of the table a `CREATE TABLE IF NOT EXISTS `db`.`name``
+/// statement creates.
+fn created_table(statement: &str) -> Option<&str> {
+    let rest = statement.strip_prefix("CREATE TABLE IF NOT EXISTS `")?;
+    let (_, rest) = rest.split_once("`.`")?;
+    Some(rest.split_once('`')?.0)
 }
 
 /// The DDL statements, in order, for `flavor`. Each flavour's tables are
 /// written out whole, not assembled from shared column lists: this is what
 /// `--print-schema` hands a DBA, and the flavours differ in nearly every
 /// column's type or codec.
+///
+/// With [`Tables::cluster`] set, the cluster form of the same tables: the
+/// database `ON CLUSTER`, each table as a replicated `<name>_local` on every
+/// node plus a `Distributed` table under its own name
+/// ([`cluster_statements`]), and the view `ON CLUSTER` over the
+/// `Distributed` tables.
 #[must_use]
 pub fn ddl(flavor: Flavor, tables: &Tables, retention_days: u32) -> Vec<String> {
+    let single = single_server_ddl(flavor, tables, retention_days);
+    let Some(cluster) = tables.cluster.as_deref() else { return single };
+    let mut out = Vec::with_capacity(single.len() * 2);
+    for statement in single {
+        if let Some(rest) = statement.strip_prefix("CREATE DATABASE IF NOT EXISTS ") {
+            out.push(format!("CREATE DATABASE IF NOT EXISTS {rest} ON CLUSTER {cluster}"));
+        } else if let Some(name) = created_table(&statement) {
+            out.extend(cluster_statements(tables, cluster, name, &statement));
+        } else if let Some(rest) =
+            statement.strip_prefix(&format!("CREATE VIEW IF NOT EXISTS {} AS", tables.readings_1m_live))
+        {
+            out.push(format!("CREATE VIEW IF NOT EXISTS {} ON CLUSTER {cluster} AS{rest}", tables.readings_1m_live));
+        } else {
+            panic!("no cluster form for {statement}");
+        }
+    }
+    out
+}
+
+fn single_server_ddl(flavor: Flavor, tables: &Tables, retention_days: u32) -> Vec<String> {
     let db = &tables.database;
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS `{db}`")];
     match flavor {
@@ -356,7 +476,13 @@ pub fn add_status_columns(flavor: Flavor, tables: &Tables, existing: &[String]) 
         .filter(|(name, _)| !existing.iter().any(|e| e == name))
         .map(|(name, ty)| format!("ADD COLUMN {guard}{name} {ty}"))
         .collect();
-    (!adds.is_empty()).then(|| format!("ALTER TABLE {} {}", tables.agent_status, adds.join(", ")))
+    // In the cluster form the columns go to the replicated tables, on every
+    // node; the Distributed table is recreated instead (see `upgrade_status_table`).
+    let (table, on_cluster) = match &tables.cluster {
+        Some(_) => (tables.local("agent_status"), tables.on_cluster_clause()),
+        None => (tables.agent_status.clone(), String::new()),
+    };
+    (!adds.is_empty()).then(|| format!("ALTER TABLE {table}{on_cluster} {}", adds.join(", ")))
 }
 
 /// Asks the server for its version and picks the flavour.
@@ -384,16 +510,58 @@ pub async fn ensure(
     for statement in ddl(flavor, tables, retention_days) {
         client.query(&statement).execute().await?;
     }
-    upgrade_status_table(client, flavor, tables).await
+    upgrade_status_table(client, flavor, tables).await?;
+    if tables.cluster.is_some() {
+        upgrade_distributed_status_table(client, flavor, tables).await?;
+    }
+    Ok(())
 }
 
-/// The column names of `agent_status`.
-async fn status_columns(client: &Client, tables: &Tables) -> Result<Vec<String>, clickhouse::error::Error> {
+/// The column names of `table` (`agent_status`, or in the cluster form
+/// `agent_status_local`) on the node the client talks to.
+async fn columns_of(client: &Client, tables: &Tables, table: &str) -> Result<Vec<String>, clickhouse::error::Error> {
     client
-        .query("SELECT name FROM system.columns WHERE database = ? AND table = 'agent_status'")
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
         .bind(tables.database.as_str())
+        .bind(table)
         .fetch_all()
         .await
+}
+
+/// The column names of the table [`add_status_columns`] alters.
+async fn status_columns(client: &Client, tables: &Tables) -> Result<Vec<String>, clickhouse::error::Error> {
+    let table = if tables.cluster.is_some() { "agent_status_local" } else { "agent_status" };
+    columns_of(client, tables, table).await
+}
+
+/// Cluster form: the `Distributed` `agent_status` of an older release lacks
+/// columns its local tables now have. 18.16 refuses `ALTER … ON CLUSTER`
+/// of a table that is not replicated on a cluster whose shards are
+/// (code 371, "Table … isn't replicated, but shard #2 is replicated
+/// according to its cluster definition"), so the `Distributed` table is
+/// dropped and created again `ON CLUSTER`: it holds no data (the server
+/// inserts synchronously, nothing waits in its queue), and an insert
+/// between the two statements fails with "unknown table", which is
+/// retried.
+async fn upgrade_distributed_status_table(
+    client: &Client,
+    flavor: Flavor,
+    tables: &Tables,
+) -> Result<(), clickhouse::error::Error> {
+    let existing = columns_of(client, tables, "agent_status").await?;
+    let missing: Vec<&str> =
+        ADDED_STATUS_COLUMNS.iter().map(|(name, _)| *name).filter(|name| !existing.iter().any(|e| e == name)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(table = %tables.agent_status, ?missing, "recreating the Distributed status table of an older release");
+    let drop = format!("DROP TABLE IF EXISTS {}{}", tables.agent_status, tables.on_cluster_clause());
+    client.query(&drop).execute().await?;
+    let create = ddl(flavor, tables, 0)
+        .into_iter()
+        .find(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS {} ", tables.agent_status)))
+        .expect("the cluster DDL creates the Distributed agent_status");
+    client.query(&create).execute().await
 }
 
 /// Adds the [`ADDED_STATUS_COLUMNS`] missing from `agent_status` (a table
@@ -431,7 +599,8 @@ async fn replace_outdated_view(client: &Client, tables: &Tables) -> Result<(), c
         .await?;
     if existing.iter().any(|definition| !definition.contains(crate::rollup::LIVE_VIEW_MARK)) {
         tracing::info!(view = %tables.readings_1m_live, "replacing the live rollup view created by an older release");
-        client.query(&format!("DROP TABLE IF EXISTS {}", tables.readings_1m_live)).execute().await?;
+        let drop = format!("DROP TABLE IF EXISTS {}{}", tables.readings_1m_live, tables.on_cluster_clause());
+        client.query(&drop).execute().await?;
     }
     Ok(())
 }
@@ -519,6 +688,76 @@ mod tests {
         partly.extend(ADDED_STATUS_COLUMNS.map(|(name, _)| name.to_owned()));
         assert_eq!(add_status_columns(Flavor::Legacy, &t, &partly), None);
         assert_eq!(add_status_columns(Flavor::Current, &t, &partly), None);
+    }
+
+    #[test]
+    fn the_cluster_form_has_a_replicated_local_and_a_distributed_table_per_table() {
+        for flavor in [Flavor::Legacy, Flavor::Current] {
+            let tables = Tables::new("db").on_cluster("telemetry");
+            let statements = ddl(flavor, &tables, 30);
+            assert_eq!(statements[0], "CREATE DATABASE IF NOT EXISTS `db` ON CLUSTER telemetry");
+            let single = ddl(flavor, &Tables::new("db"), 30);
+            assert_eq!(statements.len(), 1 + 2 * (single.len() - 2) + 1, "{flavor:?}");
+            for (name, engine) in [
+                ("readings", "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/readings', '{replica}')"),
+                (
+                    "readings_1m",
+                    "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/readings_1m', '{replica}', version)",
+                ),
+                (
+                    "ingested_ranges",
+                    "ReplicatedMergeTree('/clickhouse/tables/{shard}/db/ingested_ranges', '{replica}')",
+                ),
+                ("ingest_errors", "ReplicatedMergeTree('/clickhouse/tables/{shard}/db/ingest_errors', '{replica}')"),
+                (
+                    "agent_status",
+                    "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/agent_status', '{replica}', ts)",
+                ),
+                (
+                    "rollup_queue",
+                    "ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/db/rollup_queue', '{replica}', pending)",
+                ),
+            ] {
+                let local = statements
+                    .iter()
+                    .find(|s| {
+                        s.starts_with(&format!("CREATE TABLE IF NOT EXISTS `db`.`{name}_local` ON CLUSTER telemetry ("))
+                    })
+                    .unwrap_or_else(|| panic!("{flavor:?}: no local {name}"));
+                assert!(local.contains(&format!("ENGINE = {engine}")), "{local}");
+                let original = single.iter().find(|s| created_table(s) == Some(name)).expect("single form");
+                // Same columns, partitioning, order and TTL as the single-server table.
+                let tail = |s: &str| {
+                    s.split_once(") ENGINE = ").map(|(_, t)| t.split_once(')').map(|(_, r)| r.to_owned())).unwrap()
+                };
+                assert_eq!(tail(local), tail(original), "{name}");
+                let distributed = statements
+                    .iter()
+                    .find(|s| {
+                        s.starts_with(&format!("CREATE TABLE IF NOT EXISTS `db`.`{name}` ON CLUSTER telemetry ("))
+                    })
+                    .unwrap_or_else(|| panic!("{flavor:?}: no Distributed {name}"));
+                assert!(
+                    distributed.ends_with(&format!(
+                        "ENGINE = Distributed(telemetry, db, {name}_local, cityHash64(client_id))"
+                    )),
+                    "{distributed}"
+                );
+                assert!(!distributed.contains("MATERIALIZED"), "{distributed}");
+            }
+            let view = statements.last().expect("the view");
+            assert!(view.starts_with("CREATE VIEW IF NOT EXISTS `db`.`readings_1m_live` ON CLUSTER telemetry AS"));
+            assert!(view.contains("GLOBAL IN") && !view.contains(") IN ("), "{view}");
+        }
+        let legacy = ddl(Flavor::Legacy, &Tables::new("db").on_cluster("telemetry"), 0).join("\n");
+        assert!(legacy.contains("dt DateTime ALIAS toDateTime(intDiv(ts, 1000000))"), "{legacy}");
+        // The upgrade goes to the replicated tables, on every node.
+        let alter = add_status_columns(Flavor::Legacy, &Tables::new("db").on_cluster("c"), &[]).expect("all missing");
+        assert!(
+            alter.starts_with("ALTER TABLE `db`.`agent_status_local` ON CLUSTER c ADD COLUMN drain_per_s"),
+            "{alter}"
+        );
+        assert!(Tables::new("db").on_cluster("").cluster.is_none());
     }
 
     #[test]

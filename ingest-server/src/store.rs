@@ -136,6 +136,19 @@ pub fn client(config: &Config) -> Client {
     if !config.clickhouse_password.is_empty() {
         client = client.with_password(config.clickhouse_password.expose());
     }
+    if !config.clickhouse_cluster.is_empty() {
+        client = client
+            // An INSERT into a Distributed table returns only once every
+            // shard it touches has its block (the default queues it on this
+            // node and sends it later): durable before the PUBACK, and the
+            // readings on their shard before their rollup markers.
+            .with_setting("insert_distributed_sync", "1")
+            // One replica per shard, the first listed that is up, for reads
+            // and inserts alike: reads see this server's inserts, which
+            // replication has not necessarily copied to the other replicas
+            // yet (deploy/clickhouse-schema.md, "On a cluster").
+            .with_setting("load_balancing", "in_order");
+    }
     client
 }
 
@@ -159,7 +172,7 @@ impl Store {
     pub fn new(config: &Config, flavor: Flavor, metrics: Arc<Metrics>, stop: CancellationToken) -> Self {
         Self {
             client: client(config),
-            tables: Tables::new(&config.clickhouse_database),
+            tables: Tables::for_config(config),
             flavor,
             metrics,
             retry_min: Duration::from_millis(config.retry_min_ms),

@@ -486,18 +486,31 @@ impl Writer {
     /// See [`Store::retry`].
     pub async fn drop_expired_ranges(&self, horizon_days: u32) -> Result<Vec<String>, StoreError> {
         let tables = self.store.tables();
-        let sql = "SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = 'ingested_ranges' \
-                   AND active AND partition < toString(toYYYYMM(now() - toIntervalDay(?))) ORDER BY partition";
+        // Cluster form: the partitions of the replicated tables on every
+        // node, dropped ON CLUSTER (once per shard; a shard without the
+        // partition drops nothing).
+        let (parts, table, target) = match &tables.cluster {
+            Some(cluster) => (
+                format!("cluster('{cluster}', system, parts)"),
+                "ingested_ranges_local",
+                format!("{}{}", tables.local("ingested_ranges"), tables.on_cluster_clause()),
+            ),
+            None => ("system.parts".to_owned(), "ingested_ranges", tables.ingested_ranges.clone()),
+        };
+        let sql = format!(
+            "SELECT DISTINCT partition FROM {parts} WHERE database = ? AND table = '{table}' \
+             AND active AND partition < toString(toYYYYMM(now() - toIntervalDay(?))) ORDER BY partition"
+        );
         let expired: Vec<String> = self
             .store
             .retry("ingested_ranges", || {
-                self.store.client().query(sql).bind(tables.database.as_str()).bind(horizon_days).fetch_all::<String>()
+                self.store.client().query(&sql).bind(tables.database.as_str()).bind(horizon_days).fetch_all::<String>()
             })
             .await?;
         // Partition ids of toYYYYMM are digits; anything else is not ours to drop.
         let expired: Vec<String> = expired.into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())).collect();
         for partition in &expired {
-            let drop = format!("ALTER TABLE {} DROP PARTITION {partition}", tables.ingested_ranges);
+            let drop = format!("ALTER TABLE {target} DROP PARTITION {partition}");
             self.store.retry("ingested_ranges", || self.store.client().query(&drop).execute()).await?;
             tracing::info!(partition, horizon_days, "stored ranges older than the dedup horizon dropped");
         }

@@ -8,16 +8,23 @@
 //!
 //! ```sh
 //! scripts/stack up --cluster && eval "$(scripts/stack env)"
-//! cargo test -p ingest-server --test cluster -- --ignored
+//! cargo test -p ingest-server --test cluster -- --ignored --test-threads=1
 //! ```
+//!
+//! (one at a time: the first test kills a node). About 23 s for the three,
+//! 6 s of it the ingest server's test.
 //!
 //! It fails when the cluster does not answer (unless skips are allowed, see
 //! `test_support::skips_allowed`). It SIGKILLs and restarts the shared
 //! cluster's node ch-s2r2: no other test may use the cluster meanwhile.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use telemetry_wire::{Batch, Reading};
 use test_support::{Cluster, ClusterNode};
+
+mod harness;
 
 fn client(node: &ClusterNode) -> clickhouse::Client {
     clickhouse::Client::default().with_url(&node.url).with_validation(false)
@@ -70,7 +77,7 @@ impl<'a> ClusterDb<'a> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored"]
+#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
 async fn replicated_tables_a_distributed_table_and_a_killed_replica() {
     let Some(cluster) = test_support::cluster() else { return };
     assert_eq!(cluster.shards(), [1, 2], "the stack's cluster: shard 1 with one replica, shard 2 with two");
@@ -183,4 +190,242 @@ async fn replicated_tables_a_distributed_table_and_a_killed_replica() {
     assert_eq!(count(s1, &format!("SELECT count() FROM {name}.t_all")).await, 2110);
 
     db.remove().await;
+}
+
+/// `n` readings of `client_id` (seqs `first..first + n`, batches of
+/// `per_batch`): reading `seq` has sensor `s{seq % 3}`, time `start_us +
+/// seq * 100 ms` and value `seq` plus a per-client offset.
+fn client_batches(client_id: &str, epoch: u64, start_us: i64, first: u64, n: u64, per_batch: u64) -> Vec<Batch> {
+    let offset = f64::from(client_id.bytes().map(u32::from).sum::<u32>());
+    let mut out = Vec::new();
+    let mut seq = first;
+    while seq < first + n {
+        let last = (seq + per_batch - 1).min(first + n - 1);
+        let readings = (seq..=last)
+            .map(|s| Reading::new(format!("s{}", s % 3), start_us + s as i64 * 100_000, s as f64 + offset))
+            .collect();
+        out.push(Batch { client_id: client_id.to_owned(), epoch, first_seq: seq, last_seq: last, readings });
+        seq = last + 1;
+    }
+    out
+}
+
+/// `sql` (a single `String` or number column) on `node`, as strings.
+async fn strings(node: &ClusterNode, sql: &str) -> BTreeSet<String> {
+    match client(node).query(sql).fetch_all::<String>().await {
+        Ok(rows) => rows.into_iter().collect(),
+        Err(e) => panic!("on {}: {sql}: {e}", node.name),
+    }
+}
+
+/// The ingest server on the cluster (`clickhouse_cluster = "telemetry"`,
+/// pointed at its first node): batches of several clients, with
+/// redeliveries, overlapping batches and a replay under a new epoch, then
+/// a restart that loads the stored ranges through the Distributed table and
+/// gets everything again. Checked through the Distributed tables (every
+/// reading once, the rollup exact per minute, the API's series) and on each
+/// node's local tables (every client on exactly one shard, shard 2's
+/// replicas equal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
+async fn the_ingest_server_on_the_cluster_stores_each_reading_once_on_its_clients_shard() {
+    let Some(cluster) = test_support::cluster() else { return };
+    let Some(mut world) = harness::World::new() else { return };
+    let started = Instant::now();
+    let first = &cluster.nodes[0];
+    world.ch_url = first.url.clone();
+    let db = world.database.clone();
+    let api_port = test_support::free_port();
+    let config = ingest_server::Config {
+        clickhouse_cluster: cluster.name.clone(),
+        http_address: format!("127.0.0.1:{api_port}"),
+        ..world.config()
+    };
+
+    // Readings of the last few minutes (so that /api/series covers them).
+    let now_us =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()).unwrap();
+    let start_us = (now_us / 60_000_000 - 8) * 60_000_000 + 7_000_000;
+    let clients: Vec<String> = (0..8).map(|i| format!("cl-{i}")).collect();
+    const N: u64 = 2400; // 4 minutes at 10 readings/s
+    let server = harness::Server::start(config.clone()).await;
+    let agent = harness::Agent::connect(&world).await;
+    for c in &clients {
+        agent.publish(&client_batches(c, 1, start_us, 0, N, 200)).await;
+    }
+    // Redeliveries of whole batches, batches overlapping two stored ones,
+    // and (client 0 and 1) everything again under a new epoch: identity
+    // duplicates that the seq ranges cannot catch.
+    for c in &clients[..4] {
+        agent.publish(&client_batches(c, 1, start_us, 0, 600, 200)).await;
+        agent.publish(&client_batches(c, 1, start_us, 100, 300, 300)).await;
+    }
+    for c in &clients[..2] {
+        agent.publish(&client_batches(c, 2, start_us, 0, N, 500)).await;
+    }
+    agent.flushed().await;
+    for c in &clients {
+        let mut want = vec![harness::range(1, 0, N - 1)];
+        if c == &clients[0] || c == &clients[1] {
+            want.insert(0, harness::range(2, 0, N - 1));
+            want.sort_by_key(|r| r.epoch);
+        }
+        agent.wait_acked(c, &want, Duration::from_secs(60)).await;
+    }
+    let total = N * clients.len() as u64;
+    world.wait_stored(total, Duration::from_secs(60)).await;
+
+    // A restart: the schema again (idempotent ON CLUSTER), the stored ranges
+    // loaded through the Distributed table, and every batch once more: all
+    // duplicates by their seq ranges, nothing inserted.
+    server.stop().await;
+    let server = harness::Server::start(config).await;
+    for c in &clients {
+        agent.publish(&client_batches(c, 1, start_us, 0, N, 200)).await;
+    }
+    agent.flushed().await;
+    harness::wait_for("the replayed batches counted as duplicates", Duration::from_secs(60), || {
+        server.metrics.duplicate_readings.get() >= total
+    })
+    .await;
+    assert_eq!(server.metrics.inserted_readings.get(), 0, "a restarted server knows every stored range");
+
+    // Through the Distributed tables: each reading once, the rollup exact.
+    assert_eq!(world.distinct_readings().await, total);
+    assert_eq!(world.final_readings().await, total);
+    world.assert_rollup_exact().await;
+    assert_eq!(world.rollup_count().await, total);
+
+    // Every client on exactly one shard, in every table that has clients.
+    for table in ["readings", "readings_1m", "rollup_queue", "ingested_ranges"] {
+        let sql = format!("SELECT DISTINCT client_id FROM `{db}`.`{table}_local` WHERE client_id != ''");
+        let mut shards: Vec<BTreeSet<String>> = Vec::new();
+        for shard in cluster.shards() {
+            let mut replicas = cluster.replicas(shard);
+            let first_replica = replicas.next().expect("a replica");
+            let on_shard = strings(first_replica, &sql).await;
+            for other in replicas {
+                harness::wait_for_async("replicas converge", Duration::from_secs(30), || async {
+                    strings(other, &sql).await == on_shard
+                })
+                .await;
+            }
+            shards.push(on_shard);
+        }
+        let all: BTreeSet<String> = clients.iter().cloned().collect();
+        assert!(shards.iter().all(|s| !s.is_empty()), "{table}: every shard has clients: {shards:?}");
+        assert_eq!(
+            shards.iter().map(BTreeSet::len).sum::<usize>(),
+            all.len(),
+            "{table}: no client on two shards: {shards:?}"
+        );
+        assert_eq!(shards.into_iter().flatten().collect::<BTreeSet<_>>(), all, "{table}: every client somewhere");
+    }
+    // Shard 2's replicas hold the same readings and rollup, and the shards
+    // together hold each reading once.
+    let digest = |table: &str| {
+        format!(
+            "SELECT concat(toString(count()), ':', toString(sum(cityHash64(client_id, sensor, {key})))) FROM `{db}`.`{table}_local` FINAL",
+            key = if table == "readings" { "ts, value" } else { "minute, count, sum" }
+        )
+    };
+    for table in ["readings", "readings_1m"] {
+        let sql = digest(table);
+        let s2 = strings(cluster.node(2, 1), &sql).await;
+        harness::wait_for_async("shard 2's replicas converge", Duration::from_secs(30), || async {
+            strings(cluster.node(2, 2), &sql).await == s2
+        })
+        .await;
+    }
+    let count_local = format!("SELECT count() FROM `{db}`.`readings_local` FINAL");
+    assert_eq!(count(cluster.node(1, 1), &count_local).await + count(cluster.node(2, 2), &count_local).await, total);
+
+    // The API's series: the same counts per client.
+    for c in &clients {
+        let body = test_support::http::http_get(
+            &format!("127.0.0.1:{api_port}"),
+            &format!("/api/series?client_id={c}&minutes=30"),
+        )
+        .await
+        .expect("the API answers");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let counted: u64 = answer["series"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no series: {body}"))
+            .iter()
+            .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["count"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(counted, N, "{c}: /api/series counts");
+    }
+
+    server.stop().await;
+    drop(agent);
+    execute(first, &format!("DROP DATABASE `{db}` ON CLUSTER {}", cluster.name)).await;
+    eprintln!("cluster ingest test took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// An `agent_status` of an older release in the cluster form (without the
+/// columns added since) is upgraded at start: the columns go to the
+/// replicated tables `ON CLUSTER`, and the `Distributed` table, which 18.16
+/// cannot `ALTER … ON CLUSTER`, is made again with them, on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
+async fn an_older_status_table_on_the_cluster_gains_the_new_columns_on_every_node() {
+    use ingest_server::schema::{self, Tables, ADDED_STATUS_COLUMNS};
+    let Some(cluster) = test_support::cluster() else { return };
+    let first = &cluster.nodes[0];
+    let db = test_support::unique_name("cluster_upgrade");
+    let tables = Tables::new(&db).on_cluster(&cluster.name);
+    let ch = client(first);
+    let (_, flavor) = schema::detect(&ch).await.expect("version");
+    schema::ensure(&ch, flavor, &tables, 0).await.expect("the cluster schema");
+    // Back to the release before: agent_status without the added columns.
+    let on = format!("ON CLUSTER {}", cluster.name);
+    execute(first, &format!("DROP TABLE `{db}`.agent_status {on}")).await;
+    execute(first, &format!("DROP TABLE `{db}`.agent_status_local {on}")).await;
+    let old_columns = "client_id String, ts Int64, outbox_rows UInt64, outbox_bytes UInt64, oldest_age_s Float64, \
+                       received_per_s Float64, confirmed_per_s Float64, connected UInt8, received_at DateTime";
+    execute(
+        first,
+        &format!(
+            "CREATE TABLE `{db}`.agent_status_local {on} ({old_columns}) ENGINE = \
+             ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{db}/agent_status', '{{replica}}', ts) ORDER BY client_id"
+        ),
+    )
+    .await;
+    execute(
+        first,
+        &format!(
+            "CREATE TABLE `{db}`.agent_status {on} ({old_columns}) ENGINE = Distributed({c}, {db}, agent_status_local, cityHash64(client_id))",
+            c = cluster.name
+        ),
+    )
+    .await;
+    // Synchronous: an asynchronous insert would wait in the Distributed
+    // table's queue, which dropping the table discards.
+    let sync = ch.clone().with_setting("insert_distributed_sync", "1");
+    let insert = format!("INSERT INTO `{db}`.agent_status (client_id, ts) VALUES ('old-a', 1), ('old-b', 2)");
+    sync.query(&insert).execute().await.expect("old statuses");
+
+    schema::ensure(&ch, flavor, &tables, 0).await.expect("the upgrade");
+    schema::ensure(&ch, flavor, &tables, 0).await.expect("and once more: nothing to do");
+    for node in &cluster.nodes {
+        for table in ["agent_status_local", "agent_status"] {
+            let sql = format!("SELECT name FROM system.columns WHERE database = '{db}' AND table = '{table}'");
+            let names = strings(node, &sql).await;
+            for (name, _) in ADDED_STATUS_COLUMNS {
+                assert!(names.contains(name), "{}: {table} lacks {name}: {names:?}", node.name);
+            }
+        }
+    }
+    let insert =
+        format!("INSERT INTO `{db}`.agent_status (client_id, ts, last_command_id) VALUES ('new-c', 3, 'cmd-1')");
+    sync.query(&insert).execute().await.expect("a new status");
+    let sql =
+        format!("SELECT count() FROM `{db}`.agent_status WHERE last_command_id IS NULL OR last_command_id = 'cmd-1'");
+    for node in &cluster.nodes {
+        wait_count(node, &sql, 3, Duration::from_secs(30)).await;
+    }
+    execute(first, &format!("DROP DATABASE `{db}` {on}")).await;
 }

@@ -885,6 +885,27 @@ fn substitute(sql: &str, literals: &[String]) -> String {
     out
 }
 
+/// The cluster form of the current flavour parses on current ClickHouse.
+/// chdb has no ZooKeeper, macros or `remote_servers`, so the statements
+/// cannot run there: each goes through `formatQuery`, which parses it
+/// (and fails on a syntax error). 18.16 runs them in `tests/cluster.rs`.
+#[test]
+fn current_clickhouse_cluster_schema_parses_in_chdb() {
+    use ingest_server::schema::{ddl, Flavor, Tables};
+    if !harness::has_chdb() {
+        return;
+    }
+    let statements = ddl(Flavor::Current, &Tables::new("telemetry").on_cluster("telemetry"), 30);
+    assert!(statements.iter().any(|s| s.contains("Distributed(telemetry, telemetry, readings_local")));
+    let checks: Vec<String> = statements
+        .iter()
+        .map(|s| format!("SELECT formatQuery('{}')", s.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    // Every statement must parse; the last one's text is the view's, formatted.
+    let out = harness::run_chdb(&checks);
+    assert!(out.contains("ON CLUSTER telemetry") && out.contains("GLOBAL IN"), "{out}");
+}
+
 #[test]
 fn current_clickhouse_schema_runs_in_chdb() {
     use ingest_server::schema::{ddl, Flavor, Tables};

@@ -141,7 +141,7 @@ impl Api {
             .with_setting("max_threads", config.api_max_threads.to_string());
         Self {
             client,
-            tables: Tables::new(&config.clickhouse_database),
+            tables: Tables::for_config(config),
             flavor,
             metrics,
             started: Instant::now(),
