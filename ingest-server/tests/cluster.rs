@@ -4,15 +4,16 @@
 //! `Distributed` table over both shards, and a replica that is SIGKILLed
 //! and catches up after its restart. ClickHouse 18.16, as the stack runs.
 //!
-//! Ignored by default until `scripts/test` starts the cluster; run it with
+//! `scripts/test` starts the cluster (`scripts/stack up --cluster`) and
+//! runs these one at a time (the nextest group `cluster` in
+//! `.config/nextest.toml`: the first test kills a node); by hand:
 //!
 //! ```sh
 //! scripts/stack up --cluster && eval "$(scripts/stack env)"
-//! cargo test -p ingest-server --test cluster -- --ignored --test-threads=1
+//! cargo nextest run -p ingest-server --test cluster
 //! ```
 //!
-//! (one at a time: the first test kills a node). About 23 s for the three,
-//! 6 s of it the ingest server's test.
+//! About 23 s for the three, 6 s of it the ingest server's test.
 //!
 //! It fails when the cluster does not answer (unless skips are allowed, see
 //! `test_support::skips_allowed`). It SIGKILLs and restarts the shared
@@ -77,7 +78,6 @@ impl<'a> ClusterDb<'a> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
 async fn replicated_tables_a_distributed_table_and_a_killed_replica() {
     let Some(cluster) = test_support::cluster() else { return };
     assert_eq!(cluster.shards(), [1, 2], "the stack's cluster: shard 1 with one replica, shard 2 with two");
@@ -227,7 +227,6 @@ async fn strings(node: &ClusterNode, sql: &str) -> BTreeSet<String> {
 /// node's local tables (every client on exactly one shard, shard 2's
 /// replicas equal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
 async fn the_ingest_server_on_the_cluster_stores_each_reading_once_on_its_clients_shard() {
     let Some(cluster) = test_support::cluster() else { return };
     let Some(mut world) = harness::World::new() else { return };
@@ -370,7 +369,6 @@ async fn the_ingest_server_on_the_cluster_stores_each_reading_once_on_its_client
 /// replicated tables `ON CLUSTER`, and the `Distributed` table, which 18.16
 /// cannot `ALTER … ON CLUSTER`, is made again with them, on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `scripts/stack up --cluster`: cargo test -p ingest-server --test cluster -- --ignored --test-threads=1"]
 async fn an_older_status_table_on_the_cluster_gains_the_new_columns_on_every_node() {
     use ingest_server::schema::{self, Tables, ADDED_STATUS_COLUMNS};
     let Some(cluster) = test_support::cluster() else { return };
