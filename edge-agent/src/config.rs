@@ -235,7 +235,8 @@ telemetry_settings::settings! {
     /// limit), so that a long outage's backlog does not swamp the link or
     /// the centre; live readings are not limited.
     replay_max_rate: u64 = 0, env "EDGE_AGENT_REPLAY_MAX_RATE";
-    /// Publish a batch again when unconfirmed after this many milliseconds.
+    /// Publish a batch again when unconfirmed after this many milliseconds
+    /// (each further republish of it waits twice as long, at most 16×).
     confirm_timeout_ms: u64 = 5000, env "EDGE_AGENT_CONFIRM_TIMEOUT_MS";
     /// Outbox quota in rows.
     quota_rows: u64 = 50_000_000, env "EDGE_AGENT_QUOTA_ROWS";

@@ -96,13 +96,19 @@ impl Window {
         self.batches.get(&first).filter(|b| b.last_seq == last)
     }
 
-    /// First seqs of batches unconfirmed for longer than `timeout` (held
-    /// batches excepted: see [`Inflight::held`]).
+    /// First seqs of batches due to be published again (held batches
+    /// excepted: see [`Inflight::held`]): unconfirmed for `timeout` after
+    /// their first publication, then for twice as long after each further
+    /// one, at most [`MAX_BACKOFF`] times `timeout`. A confirmation that is
+    /// merely slow (an ingest group down, a lagging ClickHouse) then costs
+    /// the broker a few copies per batch, not one every `timeout` per agent.
     #[must_use]
     pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<u64> {
         self.batches
             .iter()
-            .filter(|(_, b)| !b.held && now.duration_since(b.sent_at) >= timeout)
+            .filter(|(_, b)| {
+                !b.held && now.saturating_duration_since(b.sent_at) >= republish_after(timeout, b.attempts)
+            })
             .map(|(&k, _)| k)
             .collect()
     }
@@ -134,6 +140,19 @@ impl Window {
     pub fn clear(&mut self) {
         self.batches.clear();
     }
+}
+
+/// The longest wait between two publications of one batch, in multiples of
+/// the confirm timeout.
+pub const MAX_BACKOFF: u32 = 16;
+
+/// How long after its last publication a batch published `attempts` times
+/// is due again: `timeout`, doubling per attempt, at most `MAX_BACKOFF`
+/// times `timeout`.
+#[must_use]
+pub fn republish_after(timeout: Duration, attempts: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempts.saturating_sub(1)).unwrap_or(MAX_BACKOFF).min(MAX_BACKOFF);
+    timeout.saturating_mul(factor)
 }
 
 /// The pace of the backlog replay: a token bucket of `rate` readings per
@@ -244,6 +263,19 @@ mod tests {
         assert_eq!(w.overdue(later, Duration::from_secs(5)), vec![1]);
         assert_eq!(w.confirm(11, 20).len(), 1);
         assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn republishing_backs_off_doubling_up_to_a_limit() {
+        let t = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=7).map(|a| super::republish_after(t, a).as_secs()).collect();
+        assert_eq!(waits, vec![5, 10, 20, 40, 80, 80, 80]);
+        assert_eq!(super::republish_after(t, u32::MAX), t * super::MAX_BACKOFF);
+        let mut w = Window::new(8);
+        let t0 = Instant::now();
+        w.insert(1, Inflight { attempts: 3, sent_at: t0, ..batch(10) });
+        assert!(w.overdue(t0 + Duration::from_secs(19), t).is_empty(), "third publication: 20 s");
+        assert_eq!(w.overdue(t0 + Duration::from_secs(20), t), vec![1]);
     }
 
     #[test]
