@@ -12,10 +12,13 @@
 //!   story (world, stream, fault, recovery, judgement).
 //! - [`oracle`]: recompute every emitted reading; classify lost, duplicated,
 //!   unexpected, corrupted. Pure, unit-tested.
+//! - [`cluster`]: the shared ClickHouse cluster of the cluster scenarios
+//!   (faults, restoration, replicas' convergence).
 //! - [`procs`]: the binaries as child processes (start, ready, SIGKILL,
 //!   SIGTERM, `/metrics`).
 //! - [`report`]: the Markdown table and its section in the report file.
 
+pub mod cluster;
 pub mod oracle;
 pub mod procs;
 pub mod report;

@@ -86,11 +86,21 @@ pub enum Fault {
     /// `quota_policy = drop_oldest`, which deletes acked rows by design. The
     /// oracle must report them lost (this scenario is expected to FAIL).
     QuotaDropOldest,
+    /// The ingest server on the shared ClickHouse cluster (`scripts/stack up
+    /// --cluster`); SIGKILL the replica of shard 2 it writes to (the first,
+    /// `load_balancing = 'in_order'`), start it again: the replicas converge.
+    ClusterReplicaKill,
+    /// The ingest server on the cluster; stop ZooKeeper cleanly, start it
+    /// again: inserts into the replicated tables pause and resume.
+    ClusterZookeeperRestart,
+    /// Two ingest servers in a shared group on the cluster (each through
+    /// another node); SIGKILL one.
+    ClusterTwoIngest,
 }
 
 impl Fault {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 23] = [
         Self::KillAgent,
         Self::KillIngest,
         Self::BrokerRestart,
@@ -111,6 +121,9 @@ impl Fault {
         Self::ForgedConfirmations,
         Self::EchoAheadBound,
         Self::CommandsDuringFault,
+        Self::ClusterReplicaKill,
+        Self::ClusterZookeeperRestart,
+        Self::ClusterTwoIngest,
     ];
 
     /// The scenario's name (as on the command line).
@@ -139,6 +152,9 @@ impl Fault {
             Self::CommandsDuringFault => "commands-during-fault",
             Self::KillBroker => "kill-broker",
             Self::QuotaDropOldest => "quota-drop-oldest",
+            Self::ClusterReplicaKill => "cluster-replica-kill",
+            Self::ClusterZookeeperRestart => "cluster-zookeeper-restart",
+            Self::ClusterTwoIngest => "cluster-two-ingest",
         }
     }
 
@@ -220,7 +236,26 @@ impl Fault {
                 "negative control: quota {} rows, `drop_oldest`, 10x the rate; Mosquitto down {outage} s",
                 form.quota_rows
             ),
+            Self::ClusterReplicaKill => format!(
+                "ingest server on the cluster (`--clickhouse-cluster`, first node); SIGKILL `{VICTIM_REPLICA}` (shard \
+                 2's first replica, where it writes), start it again after {gap} s (`scripts/stack kill|start`)"
+            ),
+            Self::ClusterZookeeperRestart => format!(
+                "ingest server on the cluster; stop ZooKeeper cleanly, start it again after {pause} s \
+                 (`scripts/stack stop|start zookeeper`)"
+            ),
+            Self::ClusterTwoIngest => format!(
+                "2 ingest servers in `$share/chaos/...` on the cluster (through `ch-s1r1` and `ch-s2r1`); SIGKILL \
+                 one, start it again after {gap} s"
+            ),
         }
+    }
+
+    /// Whether it runs on the shared ClickHouse cluster (`scripts/stack up
+    /// --cluster`) instead of the single ClickHouse.
+    #[must_use]
+    pub fn on_cluster(self) -> bool {
+        matches!(self, Self::ClusterReplicaKill | Self::ClusterZookeeperRestart | Self::ClusterTwoIngest)
     }
 
     /// Whether the agent runs with `confirm = ingest`.
@@ -252,7 +287,11 @@ impl Fault {
             | Self::EndToEndKillIngest
             | Self::RestartWithHistory
             | Self::OutboxRollback
-            | Self::ForgedConfirmations => form.kill_gap,
+            | Self::ForgedConfirmations
+            | Self::ClusterTwoIngest => form.kill_gap,
+            // The restarted node or ZooKeeper answers a second or two later.
+            Self::ClusterReplicaKill => form.kill_gap + Duration::from_secs(2),
+            Self::ClusterZookeeperRestart => form.restart_pause + Duration::from_secs(2),
             Self::BrokerRestart | Self::PostgresRestart | Self::EndToEndKillBroker | Self::KillBroker => {
                 form.restart_pause + Duration::from_secs(1)
             }
@@ -390,6 +429,19 @@ impl Outcome {
 /// Runs one scenario; never panics (a panic inside becomes an error).
 pub async fn run(env: &Env, fault: Fault) -> Outcome {
     let started = Instant::now();
+    // The shared cluster must be up before anything is made on it.
+    let cluster = if fault.on_cluster() {
+        match crate::cluster::require() {
+            Ok(cluster) => Some(cluster),
+            Err(e) => {
+                let mut outcome = failed(fault, format!("{e:#}"));
+                outcome.wall = started.elapsed();
+                return outcome;
+            }
+        }
+    } else {
+        None
+    };
     let env2 = env.clone();
     let result = tokio::spawn(async move { run_inner(&env2, fault).await }).await;
     let mut outcome = match result {
@@ -397,6 +449,14 @@ pub async fn run(env: &Env, fault: Fault) -> Outcome {
         Ok(Err(error)) => failed(fault, format!("{error:#}")),
         Err(join) => failed(fault, format!("panicked: {join}")),
     };
+    // The cluster is shared: whatever happened, leave it running and
+    // answering.
+    if let Some(cluster) = cluster {
+        if let Err(e) = blocking(move || crate::cluster::restore(&cluster)).await.and_then(|r| r) {
+            let e = format!("{e:#}");
+            outcome.error = Some(outcome.error.map_or_else(|| e.clone(), |before| format!("{before}; {e}")));
+        }
+    }
     outcome.wall = started.elapsed();
     outcome
 }
@@ -554,6 +614,23 @@ fn forge(dir: &std::path::Path, client_id: &str, epoch: u64, ts: i64) -> Result<
     Ok((echo_file, ack_file))
 }
 
+/// cluster-replica-kill: the replica SIGKILLed: shard 2's first, which the
+/// ingest server writes to and reads from (`load_balancing = 'in_order'`).
+const VICTIM_REPLICA: &str = "ch-s2r1";
+
+/// cluster-zookeeper-restart: inserts must resume this soon after ZooKeeper
+/// answers again (about 10 s measured: the replicated tables stay read-only
+/// until their sessions are back).
+const ZK_RESUME_WITHIN: Duration = Duration::from_secs(60);
+
+/// The cluster scenarios: the replicas must hold the same readings this
+/// soon after the recovery (a restarted replica takes part in replication
+/// about 10 s after its start).
+const CONVERGE_WITHIN: Duration = Duration::from_secs(60);
+
+const INSERTED: &str = "telemetry_ingest_inserted_readings_total";
+const INSERT_RETRIES: &str = "telemetry_ingest_insert_retries_total";
+
 /// clickhouse-stall: the ingest server's MQTT keep-alive, shorter than the
 /// stall, so that a server that stopped polling would be dropped.
 const STALL_KEEP_ALIVE_SECS: u64 = 5;
@@ -608,9 +685,14 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     };
     let port_of = |s: Service| private.as_ref().filter(|_| fault.private_service() == Some(s)).map(|p| p.port);
     let mqtt_port = port_of(Service::Mqtt).unwrap_or(env.stack.mqtt_port);
-    let ch_url = match port_of(Service::ClickHouse) {
-        Some(port) => format!("http://127.0.0.1:{port}"),
-        None => env.stack.ch_url.clone(),
+    // The cluster scenarios: the shared cluster (checked by `run`), read
+    // through its first node, where the `Distributed` tables answer under
+    // the usual names.
+    let cluster = if fault.on_cluster() { Some(crate::cluster::require()?) } else { None };
+    let ch_url = match (&cluster, port_of(Service::ClickHouse)) {
+        (Some(cluster), _) => cluster.nodes[0].url.clone(),
+        (None, Some(port)) => format!("http://127.0.0.1:{port}"),
+        (None, None) => env.stack.ch_url.clone(),
     };
     let (pg_url, shared_pg) = match port_of(Service::Postgres) {
         Some(port) => (format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"), false),
@@ -618,9 +700,16 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     };
     let database = test_support::unique_name("chaos");
     let prefix = test_support::topic_prefix();
-    let ch = clickhouse::Client::default().with_url(&ch_url).with_validation(false);
+    let mut ch = clickhouse::Client::default().with_url(&ch_url).with_validation(false);
+    if cluster.is_some() {
+        // The replicas the ingest server uses (the first of each shard that
+        // is up), as stable a view as a read through a Distributed table has.
+        ch = ch.with_setting("load_balancing", "in_order");
+    }
+    let on_cluster = cluster.as_ref().map_or_else(String::new, |c| format!(" ON CLUSTER {}", c.name));
 
-    let ingest_count = if matches!(fault, Fault::SharedGroupKill | Fault::SkewedClocks) { 2 } else { 1 };
+    let ingest_count =
+        if matches!(fault, Fault::SharedGroupKill | Fault::SkewedClocks | Fault::ClusterTwoIngest) { 2 } else { 1 };
     let rollup_after = if skewed { ROLLUP_AFTER_SECS_SKEWED } else { 0 };
     let mut skews = Vec::new();
     let mut ingests = Vec::new();
@@ -630,11 +719,13 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     for n in 1..=ingest_count {
         let http = format!("127.0.0.1:{}", test_support::free_port());
         let id = test_support::unique_name(&format!("chaos_ingest{n}"));
+        // On the cluster, server n talks to node n (any node has every table).
+        let url = cluster.as_ref().map_or_else(|| ch_url.clone(), |c| c.nodes[(n - 1) % c.nodes.len()].url.clone());
         let mut spec = Spec::new(&format!("ingest-{n}"), env.bins.join("ingest-server"), &dir)
             .flag("mqtt-port", mqtt_port)
             .flag("mqtt-client-id", &id)
             .flag("topic-prefix", &prefix)
-            .flag("clickhouse-url", &ch_url)
+            .flag("clickhouse-url", &url)
             .flag("clickhouse-database", &database)
             .flag("http-address", &http)
             .flag("batch-max-delay-ms", 200)
@@ -644,6 +735,9 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             .env("RUST_LOG", "info");
         if ingest_count > 1 {
             spec = spec.flag("shared-group", "chaos");
+        }
+        if let Some(cluster) = &cluster {
+            spec = spec.flag("clickhouse-cluster", &cluster.name);
         }
         if skewed {
             spec = spec.flag("rollup-orphan-secs", ORPHAN_SECS_SKEWED);
@@ -699,7 +793,17 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         }
     }
 
-    let client_id = "chaos-1";
+    // On the cluster: a client of the shard with two replicas (all of a
+    // client's rows live on one shard), so that its replicas take the load.
+    let client_name = match &cluster {
+        Some(c) => {
+            let shards = c.shards();
+            let shard = shards.iter().copied().find(|&s| c.replicas(s).count() > 1).context("a shard with replicas")?;
+            crate::cluster::client_on_shard(&ch, u32::try_from(shards.len())?, shard).await?
+        }
+        None => "chaos-1".to_owned(),
+    };
+    let client_id = client_name.as_str();
     let listen_port = test_support::free_port();
     let agent_http = format!("127.0.0.1:{}", test_support::free_port());
     let mut agent_spec = Spec::new("agent", env.bins.join("edge-agent"), &dir)
@@ -802,6 +906,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     let fault_start = Instant::now();
     let mut answering_at = None;
     let mut stall_reported = None;
+    let mut replica_retries = None;
     let mut flood_base_rss = None;
     let mut healthy_gap = None;
     let mut fault_error: Option<String> = None;
@@ -951,7 +1056,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                     Some("the agent never saw the rollback: the scenario did not exercise its fault".to_owned());
             }
         }
-        Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill => {
+        Fault::KillIngest | Fault::EndToEndKillIngest | Fault::SharedGroupKill | Fault::ClusterTwoIngest => {
             let victim = &mut ingests[0];
             let received = victim.metric("telemetry_ingest_received_readings_total").await.unwrap_or(0.0);
             let inserted = victim.metric("telemetry_ingest_inserted_readings_total").await.unwrap_or(0.0);
@@ -971,7 +1076,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             blocking(move || p.stop()).await?;
             let send = |name: &'static str| {
                 let (dir, host, port, prefix) = (dir.clone(), env.stack.mqtt_host.clone(), mqtt_port, prefix.clone());
-                blocking(move || send_command(&dir, &host, port, &prefix, client_id, name))
+                let client = client_id.to_owned();
+                blocking(move || send_command(&dir, &host, port, &prefix, &client, name))
             };
             let paused = "telemetry_agent_intake_paused";
             send("pause_intake").await??;
@@ -992,6 +1098,64 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             let rejected = agent.metric("telemetry_agent_commands_rejected_total").await.unwrap_or(0.0);
             let run = agent.metric(run).await.unwrap_or(0.0);
             notes.push(format!("commands carried out {run}, refused {rejected}"));
+        }
+        Fault::ClusterReplicaKill => {
+            let victim = VICTIM_REPLICA;
+            let node = cluster.as_ref().and_then(|c| c.nodes.iter().find(|n| n.name == victim)).context(victim)?;
+            let local = format!("SELECT count() FROM `{database}`.readings_local");
+            let held = crate::cluster::client(node).query(&local).fetch_one::<u64>().await.unwrap_or(0);
+            let retries = ingests[0].metric(INSERT_RETRIES).await.unwrap_or(0.0);
+            blocking(move || crate::cluster::stack("kill", victim)).await??;
+            tokio::time::sleep(form.kill_gap).await;
+            blocking(move || crate::cluster::stack("start", victim)).await??;
+            answering_at = Some(Instant::now());
+            notes.push(format!("{victim} held {held} readings at the SIGKILL"));
+            replica_retries = Some(retries);
+            if held == 0 {
+                fault_error = Some(format!("{victim} held no reading: the scenario did not exercise its fault"));
+            }
+        }
+        Fault::ClusterZookeeperRestart => {
+            let ingest = &ingests[0];
+            let retries_before = ingest.metric(INSERT_RETRIES).await.unwrap_or(0.0);
+            let (mut last, mut last_at) = (ingest.metric(INSERTED).await.unwrap_or(0.0), Instant::now());
+            let mut longest = Duration::ZERO;
+            let pause = form.restart_pause;
+            let mut restart = Box::pin(async move {
+                blocking(|| crate::cluster::stack("stop", "zookeeper")).await??;
+                tokio::time::sleep(pause).await;
+                blocking(|| crate::cluster::stack("start", "zookeeper")).await??;
+                anyhow::Ok(Instant::now())
+            });
+            let (mut answered, mut resumed) = (None, None);
+            // Until the first reading inserted after ZooKeeper answered.
+            while resumed.is_none() && answered.is_none_or(|a: Instant| a.elapsed() < ZK_RESUME_WITHIN) {
+                tokio::select! {
+                    done = &mut restart, if answered.is_none() => answered = Some(done?),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                let inserted = ingest.metric(INSERTED).await.unwrap_or(last);
+                if inserted > last {
+                    longest = longest.max(last_at.elapsed());
+                    (last, last_at) = (inserted, Instant::now());
+                    resumed = answered.map(|a| last_at - a);
+                }
+            }
+            let retries = ingest.metric(INSERT_RETRIES).await.unwrap_or(0.0) - retries_before;
+            let down = answered.map_or(0.0, |a| (a - fault_start).as_secs_f64());
+            notes.push(format!(
+                "ZooKeeper stopped until it answered {down:.1} s; inserts paused {:.1} s (the longest time without \
+                 a reading inserted), resumed {} after ZooKeeper answered; {retries} ClickHouse requests retried",
+                longest.max(last_at.elapsed()).as_secs_f64(),
+                resumed.map_or_else(|| "never".to_owned(), |r| format!("{:.1} s", r.as_secs_f64()))
+            ));
+            answering_at = answered;
+            if resumed.is_none() {
+                fault_error =
+                    Some(format!("inserts did not resume within {ZK_RESUME_WITHIN:?} of ZooKeeper answering"));
+            } else if retries == 0.0 {
+                fault_error = Some("no insert was refused: the scenario did not exercise its fault".to_owned());
+            }
         }
         Fault::EndToEndKillBroker | Fault::KillBroker => {
             let p = private.clone().context("private service")?;
@@ -1096,6 +1260,19 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The cluster: every replica's local table holds the same identities
+    // (read on each node directly), before the oracle reads through the
+    // Distributed tables.
+    let mut convergence_problem = None;
+    if let Some(c) = &cluster {
+        let (note, problem) = crate::cluster::converge(c, &db, want, CONVERGE_WITHIN).await;
+        notes.push(note);
+        convergence_problem = problem;
+        if let Some(before) = replica_retries {
+            let after = ingests[0].metric(INSERT_RETRIES).await.unwrap_or(before);
+            notes.push(format!("{} ClickHouse requests retried after the SIGKILL", after - before));
+        }
+    }
     // The materialised rollup follows the raw table by a pass or two: wait
     // until every marker is consumed (bounded), then judge both it and the
     // live view (which must be exact at any moment).
@@ -1151,7 +1328,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
     notes.push(format!("emulators resent {resent}"));
     notes.push(format!("agent replayed {}", agent_counter("telemetry_agent_readings_replayed_total").await));
     notes.push(format!("republished {} batches", agent_counter("telemetry_agent_batches_republished_total").await));
-    let mut error = fault_error;
+    let mut error = fault_error.or(convergence_problem);
     if recovery.is_none() && matches!(fault, Fault::OutboxRollback | Fault::AgentBeforeIngest | Fault::EchoAheadBound) {
         // These faults are about the agent recovering by itself: rows left
         // in its outbox would need a human (a restart) to go.
@@ -1284,7 +1461,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
         test_support::drop_pg_database(&env.stack, &pg_url).await;
     }
     if verdict.pass() && error.is_none() && !env.keep_data {
-        let _ = ch.query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await;
+        let _ = ch.query(&format!("DROP DATABASE IF EXISTS {db}{on_cluster}")).execute().await;
     } else {
         notes.push(format!("data kept in ClickHouse database {database} ({ch_url})"));
     }
