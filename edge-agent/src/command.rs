@@ -149,15 +149,67 @@ pub struct ReloadPlan {
     pub needs_restart: BTreeMap<String, (Value, Value)>,
 }
 
-/// Compares the running configuration with the one just loaded.
+/// The configuration as an operator may see it: every key, the secrets
+/// redacted (`Secret` serialises as `<redacted>`; a password written into
+/// `postgres_url` is cut out here).
 #[must_use]
-pub fn reload_plan(running: &Config, loaded: &Config) -> ReloadPlan {
-    let as_map = |c: &Config| match serde_json::to_value(c) {
+pub fn shown(config: &Config) -> Map<String, Value> {
+    let mut map = match serde_json::to_value(config) {
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
     };
-    let (old, new) = (as_map(running), as_map(loaded));
+    if let Some(Value::String(url)) = map.get_mut("postgres_url") {
+        *url = redact_password(url);
+    }
+    map
+}
+
+/// `url` (a libpq connection string, `key=value` pairs or a
+/// `postgres://user:password@host/...` URL) without its password.
+#[must_use]
+pub fn redact_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                let query = redact_pairs(tail, '&');
+                return format!("{scheme}://{user}:<redacted>@{host}{query}");
+            }
+        }
+        return format!("{scheme}://{authority}{}", redact_pairs(tail, '&'));
+    }
+    redact_pairs(url, ' ')
+}
+
+/// `password=...` among `sep`-separated pairs replaced (a quoted value too).
+fn redact_pairs(text: &str, sep: char) -> String {
+    let Some(at) = text.find("password=") else { return text.to_owned() };
+    let value = &text[at + "password=".len()..];
+    let end = if let Some(quoted) = value.strip_prefix('\'') {
+        quoted.find('\'').map_or(value.len(), |i| i + 2)
+    } else {
+        value.find(sep).unwrap_or(value.len())
+    };
+    format!("{}password=<redacted>{}", &text[..at], &value[end..])
+}
+
+/// Compares the running configuration with the one just loaded.
+#[must_use]
+pub fn reload_plan(running: &Config, loaded: &Config) -> ReloadPlan {
+    let (old, new) = (shown(running), shown(loaded));
     let mut plan = ReloadPlan::default();
+    // Keys whose shown values hide a change: reported without the values.
+    let hidden = [
+        ("postgres_url", running.postgres_url != loaded.postgres_url),
+        ("postgres_password", running.postgres_password.expose() != loaded.postgres_password.expose()),
+        ("mqtt_password", running.mqtt_password.expose() != loaded.mqtt_password.expose()),
+    ];
+    for (key, changed) in hidden {
+        if changed && old.get(key) == new.get(key) {
+            let redacted = Value::from("<redacted>");
+            plan.needs_restart.insert(key.to_owned(), (redacted.clone(), redacted));
+        }
+    }
     for (key, value) in new {
         let before = old.get(&key).cloned().unwrap_or(Value::Null);
         if before == value {
@@ -262,6 +314,37 @@ mod tests {
         assert!(matches!(book.decide(&payload("id0", "flush", json!({}), 10_000), 0), Decision::Run { .. }));
         book.answered("late", 20_000, vec![], 15_000);
         assert_eq!(book.len(), 1, "every other answer expired at 10,000");
+    }
+
+    #[test]
+    fn a_password_in_the_postgres_url_is_never_shown() {
+        for (url, shown) in [
+            ("host=db user=edge password=s3cret dbname=x", "host=db user=edge password=<redacted> dbname=x"),
+            ("host=db password='s3 cret' user=edge", "host=db password=<redacted> user=edge"),
+            (
+                "postgres://edge:s3cret@db:5432/x?sslmode=require",
+                "postgres://edge:<redacted>@db:5432/x?sslmode=require",
+            ),
+            (
+                "postgresql://edge@db/x?password=s3cret&sslmode=require",
+                "postgresql://edge@db/x?password=<redacted>&sslmode=require",
+            ),
+            ("postgres://postgres@127.0.0.1:25432/postgres", "postgres://postgres@127.0.0.1:25432/postgres"),
+            ("host=127.0.0.1 user=postgres", "host=127.0.0.1 user=postgres"),
+        ] {
+            assert_eq!(redact_password(url), shown, "{url}");
+        }
+        let config = Config { postgres_url: "postgres://edge:s3cret@db/x".into(), ..Config::default() };
+        assert!(!Value::Object(shown(&config)).to_string().contains("s3cret"));
+        let other = Config { postgres_url: "postgres://edge:0ther@db/x".into(), ..Config::default() };
+        let plan = reload_plan(&config, &other);
+        assert!(!format!("{plan:?}").contains("s3cret") && !format!("{plan:?}").contains("0ther"));
+        assert!(plan.needs_restart.contains_key("postgres_url"), "a changed password is still reported");
+        let rotated = Config { mqtt_password: telemetry_settings::Secret::new("new"), ..config.clone() };
+        let before = Config { mqtt_password: telemetry_settings::Secret::new("old"), ..config.clone() };
+        let plan = reload_plan(&before, &rotated);
+        assert_eq!(plan.needs_restart.keys().collect::<Vec<_>>(), vec!["mqtt_password"]);
+        assert_eq!(plan.needs_restart["mqtt_password"], (json!("<redacted>"), json!("<redacted>")));
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl Remote {
                 Ok(json!({
                     "status": status,
                     "intake_paused": self.shared.intake_paused(),
-                    "config": self.config,
+                    "config": crate::command::shown(&self.config),
                 }))
             }
             Action::Flush => Ok(json!(self.ask(Control::Flush).await?)),
