@@ -297,20 +297,11 @@ ORDER BY received_at",
     confirmed_per_s Float64,
     connected UInt8,
     received_at DateTime,
-    drain_per_s Nullable(Float64),
-    drain_eta_s Nullable(Float64),
-    bytes_per_reading Nullable(Float64),
-    ingest_present Nullable(UInt8),
-    echo_held_batches Nullable(UInt64),
-    echo_ahead_readings Nullable(UInt64),
-    last_command_id Nullable(String),
-    last_command_name Nullable(String),
-    last_command_ok Nullable(UInt8),
-    last_command_ts_ms Nullable(Int64),
-    last_command_summary Nullable(String)
+    {added}
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
-                t = tables.agent_status
+                t = tables.agent_status,
+                added = added_status_columns(),
             ));
             out.push(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -401,20 +392,11 @@ ORDER BY received_at{ttl}",
     confirmed_per_s Float64,
     connected UInt8,
     received_at DateTime('UTC'),
-    drain_per_s Nullable(Float64),
-    drain_eta_s Nullable(Float64),
-    bytes_per_reading Nullable(Float64),
-    ingest_present Nullable(UInt8),
-    echo_held_batches Nullable(UInt64),
-    echo_ahead_readings Nullable(UInt64),
-    last_command_id Nullable(String),
-    last_command_name Nullable(String),
-    last_command_ok Nullable(UInt8),
-    last_command_ts_ms Nullable(Int64),
-    last_command_summary Nullable(String)
+    {added}
 ) ENGINE = ReplacingMergeTree(ts)
 ORDER BY client_id",
-                t = tables.agent_status
+                t = tables.agent_status,
+                added = added_status_columns(),
             ));
             out.push(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -458,6 +440,12 @@ pub const ADDED_STATUS_COLUMNS: [(&str, &str); 11] = [
     ("last_command_ts_ms", "Nullable(Int64)"),
     ("last_command_summary", "Nullable(String)"),
 ];
+
+/// The [`ADDED_STATUS_COLUMNS`] as column definitions of a `CREATE TABLE`
+/// (one list for the new table and the upgrade of an old one).
+fn added_status_columns() -> String {
+    ADDED_STATUS_COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect::<Vec<_>>().join(",\n    ")
+}
 
 /// The `ALTER TABLE` adding to `agent_status` those of
 /// [`ADDED_STATUS_COLUMNS`] that are not among `existing` (its column names),
