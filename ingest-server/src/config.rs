@@ -121,6 +121,15 @@ telemetry_settings::settings! {
     /// database: a server relies on its own unread markers for half of its
     /// own value, and a peer with a much smaller one could take them sooner.
     rollup_orphan_secs: u64 = 300, env "INGEST_ROLLUP_ORPHAN_SECS";
+    /// With `clickhouse_cluster`: a rollup pass folds in only readings
+    /// inserted at least this many seconds before it reads them, and reads
+    /// them from a replica at most 1 s behind (ClickHouse's
+    /// `max_replica_delay_for_distributed_queries`), so a replica that
+    /// missed recent inserts (restarted after a failover, fetches stuck) is
+    /// never the one a minute is folded from. At least 3 (one second of
+    /// delay, one of rounding, one for the nodes' clocks); ignored on a
+    /// single server.
+    cluster_replica_settle_secs: u64 = 5, env "INGEST_CLUSTER_REPLICA_SETTLE_SECS";
     /// Days the server remembers exactly which seq ranges it stored (the
     /// dedup horizon): ranges are loaded at start from this far back,
     /// streams idle this long are forgotten in memory, and older monthly
@@ -168,6 +177,9 @@ impl Config {
                 && cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
         if !cluster_ok {
             return Err(invalid("clickhouse_cluster", "must be empty or match [A-Za-z_][A-Za-z0-9_]*"));
+        }
+        if !cluster.is_empty() && self.cluster_replica_settle_secs < 3 {
+            return Err(invalid("cluster_replica_settle_secs", "must be at least 3"));
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) || self.topic_prefix.ends_with('/') {
             return Err(invalid("topic_prefix", "must be non-empty, without wildcards and without a trailing '/'"));

@@ -208,6 +208,11 @@ async fn serve(
             after_secs: config.rollup_after_secs,
             orphan_secs: config.rollup_orphan_secs,
             consume_delay: rollup::CONSUME_DELAY,
+            settle: if config.clickhouse_cluster.is_empty() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(config.cluster_replica_settle_secs)
+            },
         },
         ledger,
     );

@@ -39,6 +39,22 @@
 //!    `readings_1m_live` view for Grafana). Late readings hours old simply
 //!    re-mark their minute, which is recomputed at the next pass.
 //!
+//! 5. **On a cluster, only from a replica that has the readings.** Reads
+//!    go to one replica per shard; replication copies a part to the others
+//!    a moment after its insert, and much later to a replica that was down
+//!    or cannot fetch. A minute folded from such a replica would be short
+//!    for good (its marker consumed). So with `clickhouse_cluster` a pass
+//!    first waits [`Timing::settle`] after recording its bounds (a job that
+//!    skipped its marker relying on an earlier one inserted its readings
+//!    before that), reads only markers at least as old by ClickHouse's
+//!    clock (their readings were inserted before them), and recomputes with
+//!    `max_replica_delay_for_distributed_queries = 1` and no fallback to
+//!    stale replicas: a replica more than a second behind is skipped, and
+//!    if every replica of a shard is, the pass fails and is retried, its
+//!    markers still pending. Every reading it must fold was inserted at
+//!    least `settle` seconds before the recompute, which any replica at most
+//!    a second behind has.
+//!
 //! Cost: each minute is recomputed about once after it closes (plus once
 //! per late arrival), reading its raw rows once: per reading, independent
 //! of the number of clients and of rows per minute. The server's clock
@@ -296,8 +312,8 @@ pub fn pending_pairs_sql(tables: &Tables, filter: &str) -> String {
 
 /// The pass's read: pending markers of closed minutes that this server
 /// owns or that are orphaned (by ClickHouse's clock, the one that stamped
-/// them). Binds: owner, orphan age (s), closed before (s), closed from (s),
-/// limit.
+/// them), at least `settle` seconds old. Binds: owner, orphan age (s),
+/// closed before (s), closed from (s), settle (s), limit.
 #[must_use]
 pub fn pending_markers_sql(tables: &Tables) -> String {
     format!(
@@ -305,6 +321,7 @@ pub fn pending_markers_sql(tables: &Tables) -> String {
        sum(pending) AS p
 FROM {q}
 WHERE (owner = ? OR marked_at < subtractSeconds(now(), ?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
+    AND marked_at <= subtractSeconds(now(), ?)
 GROUP BY client_id, minute, token
 HAVING p > 0
 ORDER BY minute
@@ -599,7 +616,15 @@ pub struct Timing {
     /// Time between a pass's rollup insert and its consumption of the
     /// markers ([`CONSUME_DELAY`] in production).
     pub consume_delay: Duration,
+    /// On a cluster, how old the readings a pass folds in must be (see
+    /// point 5 above; `cluster_replica_settle_secs`); zero on a single
+    /// server, where reads and inserts meet in one place.
+    pub settle: Duration,
 }
+
+/// The most a replica may lag (seconds, by ClickHouse's account of its
+/// replication queue) and still serve a recompute's reads on a cluster.
+const MAX_REPLICA_DELAY_SECS: &str = "1";
 
 /// How long a pass waits between writing a minute's rollup and consuming
 /// its markers. A query of `readings_1m_live` chooses the rollup's parts
@@ -701,6 +726,10 @@ impl Roller {
             future_from,
             tokio::time::Instant::now(),
         );
+        if !self.timing.settle.is_zero() {
+            self.store.pause(self.timing.settle).await?;
+        }
+        let cluster = self.store.tables().cluster.is_some();
         let markers: Vec<QueueRow> = self
             .store
             .retry("rollup_queue", || {
@@ -710,6 +739,7 @@ impl Roller {
                     .bind(self.timing.orphan_secs)
                     .bind(closed_before.max(0))
                     .bind(future_from)
+                    .bind(self.timing.settle.as_secs())
                     .bind(self.batch)
                     .fetch_all::<QueueRow>()
             })
@@ -731,6 +761,11 @@ impl Roller {
             self.store
                 .retry("readings_1m", || {
                     let mut query = client.query(&sql);
+                    if cluster {
+                        query = query
+                            .with_setting("max_replica_delay_for_distributed_queries", MAX_REPLICA_DELAY_SECS)
+                            .with_setting("fallback_to_stale_replicas_for_distributed_queries", "0");
+                    }
                     for c in &run.clients {
                         query = query.bind(c.as_str());
                     }
@@ -889,6 +924,6 @@ mod tests {
             1 + 1 + 1 + 2 + 1 + 1 + 4 + 2 + 1
         );
         assert_eq!(live_series_sql(&t, Flavor::Current, false, 0).matches('?').count(), 1 + 1 + 1 + 2 + 1);
-        assert_eq!(pending_markers_sql(&t).matches('?').count(), 5);
+        assert_eq!(pending_markers_sql(&t).matches('?').count(), 6);
     }
 }

@@ -237,6 +237,7 @@ async fn the_ingest_server_on_the_cluster_stores_each_reading_once_on_its_client
     let api_port = test_support::free_port();
     let config = ingest_server::Config {
         clickhouse_cluster: cluster.name.clone(),
+        cluster_replica_settle_secs: 3,
         http_address: format!("127.0.0.1:{api_port}"),
         ..world.config()
     };
@@ -426,4 +427,86 @@ async fn an_older_status_table_on_the_cluster_gains_the_new_columns_on_every_nod
         wait_count(node, &sql, 3, Duration::from_secs(30)).await;
     }
     execute(first, &format!("DROP DATABASE `{db}` {on}")).await;
+}
+
+/// A minute is folded only from a replica that has its readings. Readings
+/// of a client on shard 2 and their marker are written to `ch-s2r2`, as
+/// the server's inserts are while `ch-s2r1` is down, and `ch-s2r1` cannot
+/// fetch them (`SYSTEM STOP FETCHES`), as a replica that was restarted and
+/// is still catching up. `ch-s2r1` is the first replica, the one the
+/// server reads from (`load_balancing = 'in_order'`): a pass that read it
+/// would fold the minute with no readings and consume the marker, for
+/// good (checked: without the replica-delay settings this test fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_is_folded_only_from_a_replica_that_has_its_readings() {
+    let Some(cluster) = test_support::cluster() else { return };
+    let Some(mut world) = harness::World::new() else { return };
+    let first = &cluster.nodes[0];
+    world.ch_url = first.url.clone();
+    let db = world.database.clone();
+    let config = ingest_server::Config {
+        clickhouse_cluster: cluster.name.clone(),
+        cluster_replica_settle_secs: 3,
+        ..world.config()
+    };
+    let server = harness::Server::start(config.clone()).await;
+    let (behind, current) = (cluster.node(2, 1), cluster.node(2, 2));
+    // A client the sharding key puts on shard 2 (remainder 1 of 2 shards).
+    let mut client_id = String::new();
+    for i in 0.. {
+        client_id = format!("lag-{i}");
+        if count(first, &format!("SELECT toUInt64(cityHash64('{client_id}') % 2)")).await == 1 {
+            break;
+        }
+    }
+    execute(behind, &format!("SYSTEM STOP FETCHES `{db}`.readings_local")).await;
+
+    // 90 readings of a minute five minutes ago, and their marker, on the
+    // replica that is up to date.
+    const N: u64 = 90;
+    let now_s =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let minute = (now_s / 60 - 5) * 60;
+    let rows: Vec<String> = (0..N)
+        .map(|i| {
+            format!("('{client_id}', 't', {}, {i}, 1, {i})", minute * 1_000_000 + i64::try_from(i).unwrap() * 600_000)
+        })
+        .collect();
+    execute(
+        current,
+        &format!(
+            "INSERT INTO `{db}`.readings_local (client_id, sensor, ts, value, epoch, seq) VALUES {}",
+            rows.join(", ")
+        ),
+    )
+    .await;
+    execute(
+        current,
+        &format!(
+            "INSERT INTO `{db}`.rollup_queue_local (client_id, minute, token, owner, pending) \
+             VALUES ('{client_id}', toDateTime({minute}), 42, '{owner}', 1)",
+            owner = config.mqtt_client_id
+        ),
+    )
+    .await;
+
+    // The server's pass consumes the marker (it reached both replicas; only
+    // the readings are held back) ...
+    let pending = format!("SELECT toUInt64(greatest(sum(pending), 0)) FROM `{db}`.rollup_queue WHERE token = 42");
+    wait_count(first, &format!("SELECT count() FROM `{db}`.rollup_queue WHERE token = 42"), 1, Duration::from_secs(30))
+        .await;
+    wait_count(first, &pending, 0, Duration::from_secs(60)).await;
+    // ... having folded the minute from `ch-s2r2`, the only replica with
+    // its readings (the rollup row is written through the first replica).
+    let folded = format!("SELECT sum(count) FROM `{db}`.readings_1m_local FINAL WHERE client_id = '{client_id}'");
+    let raw = format!("SELECT count() FROM `{db}`.readings_local WHERE client_id = '{client_id}'");
+    let (folded_behind, raw_behind) = (count(behind, &folded).await, count(behind, &raw).await);
+    execute(behind, &format!("SYSTEM START FETCHES `{db}`.readings_local")).await;
+    assert_eq!(raw_behind, 0, "ch-s2r1 was behind while the pass ran");
+    assert_eq!(folded_behind, N, "the minute is folded with all its readings");
+    wait_count(behind, &raw, N, Duration::from_secs(30)).await;
+    wait_count(current, &folded, N, Duration::from_secs(30)).await;
+
+    server.stop().await;
+    execute(first, &format!("DROP DATABASE `{db}` ON CLUSTER {}", cluster.name)).await;
 }

@@ -964,7 +964,7 @@ fn current_clickhouse_schema_runs_in_chdb() {
     let mut read = statements.clone();
     read.push(substitute(
         &ingest_server::rollup::pending_markers_sql(&tables),
-        &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(100)],
+        &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(0), lit(100)],
     ));
     let pending: Vec<(String, String)> = harness::run_chdb(&read)
         .lines()
