@@ -731,6 +731,9 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
             .flag("batch-max-delay-ms", 200)
             .flag("rollup-after-secs", rollup_after)
             .flag("rollup-interval-ms", 500)
+            // Short, so that scenarios end soon; not 0, so that late
+            // readings go through the quiet rule as in production.
+            .flag("rollup-quiet-secs", if skewed { 5 } else { 1 })
             .flag("retry-max-ms", 2000)
             .env("RUST_LOG", "info");
         if ingest_count > 1 {

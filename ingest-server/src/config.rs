@@ -115,6 +115,13 @@ telemetry_settings::settings! {
     /// is answered from raw rows. Later readings re-open it; it is folded
     /// in again. 0 folds in every minute at every pass (tests).
     rollup_after_secs: u64 = 70, env "INGEST_ROLLUP_AFTER_SECS";
+    /// A closed minute that is still getting readings (a replayed backlog
+    /// arriving batch after batch) is folded once it had no new readings
+    /// for this many seconds, or at the latest 60 s after the first of
+    /// them: recomputed once, not at every pass. A minute whose readings
+    /// came while it was open is folded when it closes, as before. 0 folds
+    /// at the next pass (tests).
+    rollup_quiet_secs: u64 = 5, env "INGEST_ROLLUP_QUIET_SECS";
     /// Rollup markers written by another ingest server are folded in by this
     /// one once they are this many seconds old by ClickHouse's clock (that
     /// server may be gone). Keep it the same on every server of one

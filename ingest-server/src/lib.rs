@@ -213,6 +213,7 @@ async fn serve(
             } else {
                 Duration::from_secs(config.cluster_replica_settle_secs)
             },
+            quiet: Duration::from_secs(config.rollup_quiet_secs),
         },
         ledger,
     );

@@ -16,7 +16,10 @@
 //!    least `rollup_after_secs` ago (or implausibly far in the future, a bad
 //!    device clock), written by this server or orphaned (unconsumed for
 //!    `rollup_orphan_secs` by ClickHouse's clock, e.g. written by a server
-//!    that is gone). It recomputes
+//!    that is gone), of minutes *quiet* for `rollup_quiet_secs` (no newer
+//!    marker: a backlog reaching a closed minute batch after batch is
+//!    folded once, not once per pass; [`MAX_QUIET_WAIT_SECS`] bounds the
+//!    wait). It recomputes
 //!    those minutes, all sensors, from the deduplicated raw rows (`FINAL`:
 //!    the raw table is a `ReplacingMergeTree` ordered by the reading
 //!    identity, so `FINAL` is a merge of sorted streams, about half the cost
@@ -312,19 +315,30 @@ pub fn pending_pairs_sql(tables: &Tables, filter: &str) -> String {
 
 /// The pass's read: pending markers of closed minutes that this server
 /// owns or that are orphaned (by ClickHouse's clock, the one that stamped
-/// them), at least `settle` seconds old. Binds: owner, orphan age (s),
-/// closed before (s), closed from (s), settle (s), limit.
+/// them), of minutes that had no new marker for `quiet` seconds (or waited
+/// [`MAX_QUIET_WAIT_SECS`]), each marker at least `settle` seconds old.
+/// Binds: owner, orphan age (s), closed before (s), closed from (s), quiet
+/// (s), settle (s), limit.
 #[must_use]
 pub fn pending_markers_sql(tables: &Tables) -> String {
     format!(
-        "SELECT client_id, toUInt32(minute) AS m, token, any(owner) AS o, toUInt32(any(marked_at)) AS at,
-       sum(pending) AS p
-FROM {q}
-WHERE (owner = ? OR marked_at < subtractSeconds(now(), ?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
-    AND marked_at <= subtractSeconds(now(), ?)
-GROUP BY client_id, minute, token
-HAVING p > 0
-ORDER BY minute
+        "SELECT client_id, m, t.1 AS token, t.2 AS o, t.3 AS at, t.4 AS p
+FROM (
+    SELECT client_id, m, groupArray((token, o, at, p)) AS ts
+    FROM (
+        SELECT client_id, toUInt32(minute) AS m, token, any(owner) AS o, toUInt32(any(marked_at)) AS at,
+            sum(pending) AS p
+        FROM {q}
+        WHERE (owner = ? OR marked_at < subtractSeconds(now(), ?)) AND (minute < toDateTime(?) OR minute >= toDateTime(?))
+        GROUP BY client_id, minute, token
+        HAVING p > 0
+    )
+    GROUP BY client_id, m
+    HAVING max(at) <= toUInt32(now()) - ? OR min(at) <= toUInt32(now()) - {MAX_QUIET_WAIT_SECS}
+)
+ARRAY JOIN ts AS t
+WHERE at <= toUInt32(now()) - ?
+ORDER BY m
 LIMIT ?",
         q = tables.rollup_queue
     )
@@ -620,7 +634,16 @@ pub struct Timing {
     /// point 5 above; `cluster_replica_settle_secs`); zero on a single
     /// server, where reads and inserts meet in one place.
     pub settle: Duration,
+    /// A minute is folded once it had no new marker for this long
+    /// (`rollup_quiet_secs`; see [`MAX_QUIET_WAIT_SECS`]).
+    pub quiet: Duration,
 }
+
+/// A minute that keeps getting markers (readings of a closed minute
+/// arriving batch after batch, as a replayed backlog does) is folded once
+/// its oldest pending marker is this old, quiet or not: late readings are
+/// in `readings_1m` within about a minute whatever their pace.
+pub const MAX_QUIET_WAIT_SECS: u64 = 60;
 
 /// The most a replica may lag (seconds, by ClickHouse's account of its
 /// replication queue) and still serve a recompute's reads on a cluster.
@@ -739,6 +762,7 @@ impl Roller {
                     .bind(self.timing.orphan_secs)
                     .bind(closed_before.max(0))
                     .bind(future_from)
+                    .bind(self.timing.quiet.as_secs())
                     .bind(self.timing.settle.as_secs())
                     .bind(self.batch)
                     .fetch_all::<QueueRow>()
@@ -924,6 +948,6 @@ mod tests {
             1 + 1 + 1 + 2 + 1 + 1 + 4 + 2 + 1
         );
         assert_eq!(live_series_sql(&t, Flavor::Current, false, 0).matches('?').count(), 1 + 1 + 1 + 2 + 1);
-        assert_eq!(pending_markers_sql(&t).matches('?').count(), 6);
+        assert_eq!(pending_markers_sql(&t).matches('?').count(), 7);
     }
 }

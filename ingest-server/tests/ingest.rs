@@ -552,6 +552,37 @@ async fn late_readings_reopen_their_folded_minute_and_land_in_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_minute_still_getting_readings_is_folded_once_when_quiet() {
+    // A replayed backlog reaches one closed minute in four batches a few
+    // hundred ms apart, while passes run every 200 ms: the minute is folded
+    // once, after rollup_quiet_secs without new readings, not after each
+    // batch (with rollup_quiet_secs = 0 it is folded two to four times).
+    let Some(world) = World::new() else { return };
+    let server = Server::start(ingest_server::Config { rollup_quiet_secs: 5, ..world.config() }).await;
+    let agent = Agent::connect(&world).await;
+    let minute_us = harness::BASE_TS - harness::BASE_TS % 60_000_000;
+    for part in 0..4u64 {
+        let (first, last) = (part * 150 + 1, part * 150 + 150);
+        let readings: Vec<Reading> = (first..=last)
+            .map(|s| Reading::new(format!("s{}", s % 3), minute_us + s as i64 * 10_000, s as f64))
+            .collect();
+        agent
+            .publish(&[Batch { client_id: "dev-replay".into(), epoch: 1, first_seq: first, last_seq: last, readings }])
+            .await;
+        agent.flushed().await;
+        // Stored (not yet folded: `wait_stored` would wait for the rollup).
+        harness::wait_for_async("the batch stored", Duration::from_secs(30), || async {
+            world.distinct_readings().await == last
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    world.assert_rollup_exact().await;
+    assert_eq!(server.metrics.rollup_minutes.get(), 1, "one minute, folded once");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_minutes_are_answered_from_raw_rows_until_a_pass_folds_them() {
     // A server that never folds (rollup_after_secs far beyond any minute):
     // the live view is exact while readings_1m is still empty; a second
@@ -964,7 +995,7 @@ fn current_clickhouse_schema_runs_in_chdb() {
     let mut read = statements.clone();
     read.push(substitute(
         &ingest_server::rollup::pending_markers_sql(&tables),
-        &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(0), lit(100)],
+        &["'srv'".to_owned(), lit(0), lit(first_s + 3600), lit(first_s + 7200), lit(0), lit(0), lit(100)],
     ));
     let pending: Vec<(String, String)> = harness::run_chdb(&read)
         .lines()

@@ -67,6 +67,7 @@ impl World {
             // Fold every minute at every pass: the tests judge the
             // materialised rollup, not only the live view.
             rollup_after_secs: 0,
+            rollup_quiet_secs: 0,
             rollup_interval_ms: 200,
             shutdown_timeout_secs: 10,
             // The API's own bounded, read-only user (deploy/clickhouse/users.xml.in).
