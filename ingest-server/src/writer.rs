@@ -43,6 +43,62 @@ pub(crate) struct ReadingRow<'a> {
     pub seq: u64,
 }
 
+/// The new readings of `parts` of `job` (of `days` only, if given), in the
+/// raw table's sort order ([`in_table_order`]).
+fn new_rows<'a>(job: &'a Job, parts: &[usize], days: Option<&BTreeSet<i64>>) -> Vec<ReadingRow<'a>> {
+    let rows = parts.iter().map(|&i| &job.parts[i]).flat_map(|part| {
+        let batch = &part.batch;
+        part.fresh_readings().filter(move |(_, reading)| days.is_none_or(|d| d.contains(&day_of(reading.ts)))).map(
+            move |(seq, reading)| ReadingRow {
+                client_id: &batch.client_id,
+                sensor: &reading.sensor,
+                ts: reading.ts,
+                value: reading.value,
+                epoch: batch.epoch,
+                seq,
+            },
+        )
+    });
+    in_table_order(rows)
+}
+
+/// `rows` in the raw table's sort order `(client_id, sensor, ts)`.
+///
+/// ClickHouse sorts every inserted block by the table's key unless it
+/// already is in that order (a linear check). Measured on 18.16, 20 inserts
+/// of the same 200,000 rows (50 clients, 4 sensors, 10 Hz) into a table of
+/// this schema: 2.96 CPU s in message order, 1.87 s in key order (37% less),
+/// wall time 2.6 s vs 1.5 s. Ordering them here costs about 10 ns a row (2 to
+/// 4 ms per 200,000): a job's rows are bucketed by stream `(client,
+/// sensor)`, in arrival order, which is `ts` order unless an agent's
+/// batches overlap or came out of order (then that stream alone is
+/// sorted), and the streams are sorted by key.
+pub(crate) fn in_table_order<'a>(rows: impl Iterator<Item = ReadingRow<'a>>) -> Vec<ReadingRow<'a>> {
+    let mut index: std::collections::HashMap<(&'a str, &'a str), usize> = std::collections::HashMap::new();
+    let mut streams: Vec<Vec<ReadingRow<'a>>> = Vec::new();
+    let mut total = 0;
+    for row in rows {
+        let next = streams.len();
+        let i = *index.entry((row.client_id, row.sensor)).or_insert_with(|| {
+            streams.push(Vec::new());
+            next
+        });
+        streams[i].push(row);
+        total += 1;
+    }
+    let mut keys: Vec<((&str, &str), usize)> = index.into_iter().collect();
+    keys.sort_unstable();
+    let mut ordered = Vec::with_capacity(total);
+    for (_, i) in keys {
+        let stream = &mut streams[i];
+        if !stream.is_sorted_by_key(|r| r.ts) {
+            stream.sort_by_key(|r| r.ts);
+        }
+        ordered.append(stream);
+    }
+    ordered
+}
+
 /// The `ingested_ranges` row.
 #[derive(Debug, Row, Serialize)]
 struct RangeRow<'a> {
@@ -118,24 +174,10 @@ impl Writer {
         parts: &[usize],
         days: Option<&BTreeSet<i64>>,
     ) -> Result<(), clickhouse::error::Error> {
+        let rows = new_rows(job, parts, days);
         let mut insert = self.store.client().insert_unescaped::<ReadingRow<'_>>(&self.store.tables().readings).await?;
-        for part in parts.iter().map(|&i| &job.parts[i]) {
-            let batch = &part.batch;
-            for (seq, reading) in part.fresh_readings() {
-                if days.is_some_and(|d| !d.contains(&day_of(reading.ts))) {
-                    continue;
-                }
-                insert
-                    .write(&ReadingRow {
-                        client_id: &batch.client_id,
-                        sensor: &reading.sensor,
-                        ts: reading.ts,
-                        value: reading.value,
-                        epoch: batch.epoch,
-                        seq,
-                    })
-                    .await?;
-            }
+        for row in rows {
+            insert.write(&row).await?;
         }
         insert.end().await
     }
@@ -562,6 +604,34 @@ fn finite(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row<'a>(client_id: &'a str, sensor: &'a str, ts: i64, seq: u64) -> ReadingRow<'a> {
+        ReadingRow { client_id, sensor, ts, value: seq as f64, epoch: 1, seq }
+    }
+
+    #[test]
+    fn rows_go_out_in_the_tables_key_order_and_none_is_lost() {
+        // Two clients' messages interleaved, sensors round-robin, one
+        // stream's batches out of order, a repeated timestamp.
+        let mut input = Vec::new();
+        let mut seq = 0;
+        for (client, base) in [("c-b", 100), ("c-a", 100), ("c-b", 0), ("c-a", 200)] {
+            for k in 0..12 {
+                seq += 1;
+                input.push(row(client, ["t", "p", "h"][k % 3], base + k as i64, seq));
+            }
+        }
+        input.push(row("c-a", "t", 100, 999));
+        let ordered = in_table_order(input.iter().map(|r| ReadingRow { ..*r }));
+        assert!(ordered.is_sorted_by_key(|r| (r.client_id, r.sensor, r.ts)));
+        let key = |r: &ReadingRow<'_>| (r.client_id.to_owned(), r.sensor.to_owned(), r.ts, r.seq);
+        let mut want: Vec<_> = input.iter().map(key).collect();
+        let mut got: Vec<_> = ordered.iter().map(key).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "the same rows");
+        assert!(in_table_order(std::iter::empty()).is_empty());
+    }
 
     #[test]
     fn last_command_texts_are_cut_on_a_character_boundary() {
