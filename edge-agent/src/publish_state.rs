@@ -285,6 +285,15 @@ impl PublishState {
         &self.config
     }
 
+    /// How often the shell should call [`PublishState::tick`]: half the
+    /// linger (a lingering batch waits at most 1.5 lingers), but at least
+    /// every 250 ms (a long linger must not hold back status messages and
+    /// republishing) and at most every 10 ms. Follows [`PublishState::retune`].
+    #[must_use]
+    pub fn tick_period(&self) -> Duration {
+        (self.config.batch_linger / 2).clamp(Duration::from_millis(10), Duration::from_millis(250))
+    }
+
     /// Where the connection life is.
     #[must_use]
     pub fn conn(&self) -> ConnState {
@@ -429,11 +438,11 @@ impl PublishState {
     }
 
     /// The client refused the batch at `first_seq` (its request queue is
-    /// full, or it is reconnecting): it stays in flight as already overdue,
-    /// so the next tick publishes it again.
-    pub fn unsent(&mut self, first_seq: u64, now: Instant) {
+    /// full, or it is reconnecting): it stays in flight, due at the next
+    /// tick ([`crate::window::Inflight::unsent`]).
+    pub fn unsent(&mut self, first_seq: u64) {
         if let Some(batch) = self.window.get_mut(first_seq) {
-            batch.sent_at = now.checked_sub(self.config.confirm_timeout).unwrap_or(now);
+            batch.unsent = true;
         }
     }
 
@@ -472,7 +481,9 @@ impl PublishState {
     /// The overdue batch at `first_seq` went out again.
     pub fn republished(&mut self, first_seq: u64, now: Instant) {
         let Some(batch) = self.window.get_mut(first_seq) else { return };
-        batch.attempts += 1;
+        if !std::mem::take(&mut batch.unsent) {
+            batch.attempts += 1;
+        }
         batch.sent_at = now;
         let m = &self.shared.metrics;
         m.batches_republished.inc();
@@ -557,7 +568,15 @@ impl PublishState {
         }
         self.window.insert(
             first_seq,
-            Inflight { last_seq, readings: n, payload: payload.clone(), sent_at: now, attempts: 1, held: false },
+            Inflight {
+                last_seq,
+                readings: n,
+                payload: payload.clone(),
+                sent_at: now,
+                attempts: 1,
+                held: false,
+                unsent: false,
+            },
         );
         m.inflight_batches.set(self.window.len() as i64);
         match lane {
@@ -1239,8 +1258,13 @@ mod tests {
         let mut f = Fixture::new(config(ConfirmMode::Ingest), 0);
         f.st.block(block(1, 10, f.t0));
         f.publish_all(10, f.t0);
-        f.st.unsent(1, f.t0);
-        assert_eq!(f.st.tick(false, 10, f.at(10)).len(), 1);
+        f.st.unsent(1);
+        assert_eq!(f.st.tick(false, 10, f.at(10)).len(), 1, "due at once, however recent its publication");
+        f.st.republished(1, f.at(10));
+        assert!(f.st.tick(false, 10, f.at(11)).is_empty(), "sent now: waits for its confirmation");
+        // The refused publication was not an attempt: the first real one
+        // is republished after one timeout, not two.
+        assert_eq!(f.st.tick(false, 10, f.at(10) + TIMEOUT).len(), 1);
     }
 
     #[test]
@@ -1286,6 +1310,25 @@ mod tests {
         assert_eq!(ranges(&f.publish_all(30, f.at(1000))), vec![(11, 20)]);
         assert_eq!(f.st.poll(30, f.at(5000)), Step::Idle, "the backlog ended at the high of the connect");
         assert_eq!(f.shared.metrics.readings_replayed.get(), 20);
+    }
+
+    #[test]
+    fn the_tick_follows_a_retuned_linger_within_its_bounds() {
+        let f = Fixture::new(config(ConfirmMode::Echo), 0);
+        let mut st = f.st;
+        let tunables = |linger_ms| Tunables {
+            batch_linger: Duration::from_millis(linger_ms),
+            confirm_timeout: TIMEOUT,
+            replay_max_rate: 0,
+            status_interval: Duration::from_secs(1),
+            ahead_max_readings: 0,
+            ahead_max_bytes: 0,
+            ahead_timeout: Duration::from_secs(600),
+        };
+        for (linger_ms, tick_ms) in [(5_000, 250), (100, 50), (4, 10)] {
+            st.retune(tunables(linger_ms), f.t0);
+            assert_eq!(st.tick_period(), Duration::from_millis(tick_ms), "linger {linger_ms} ms");
+        }
     }
 
     #[test]

@@ -83,13 +83,9 @@ impl Publisher {
         mut control: mpsc::Receiver<Control>,
         cancel: CancellationToken,
     ) {
-        // The tick drives lingering batches, republishing and status: at
-        // half the linger, but at least every 250 ms (a long linger must not
-        // hold back status messages and republishing).
-        let linger = self.state.config().batch_linger;
-        let period = (linger / 2).clamp(Duration::from_millis(10), Duration::from_millis(250));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The tick drives lingering batches, republishing and status, at the
+        // state's period, which a retune (a remote `reload`) may change.
+        let mut tick = ticker(self.state.tick_period());
         let mut blocks_open = true;
         let mut drain_deadline: Option<Instant> = None;
         loop {
@@ -103,7 +99,12 @@ impl Publisher {
                     None => blocks_open = false,
                 },
                 _ = tick.tick() => self.on_tick().await,
-                Some(request) = control.recv() => self.on_control(request).await,
+                Some(request) = control.recv() => {
+                    self.on_control(request).await;
+                    if tick.period() != self.state.tick_period() {
+                        tick = ticker(self.state.tick_period());
+                    }
+                }
             }
             if !blocks_open || cancel.is_cancelled() {
                 self.state.set_draining();
@@ -225,7 +226,7 @@ impl Publisher {
                 Step::Publish { first_seq, payload } => {
                     let topic = &self.state.config().data_topic;
                     if self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
-                        self.state.unsent(first_seq, Instant::now());
+                        self.state.unsent(first_seq);
                     }
                 }
                 Step::Load { lane, after, limit } => {
@@ -239,4 +240,11 @@ impl Publisher {
             }
         }
     }
+}
+
+/// An interval of `period` that skips ticks it missed rather than bursting.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }

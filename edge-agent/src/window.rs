@@ -29,6 +29,10 @@ pub struct Inflight {
     /// Echoed while no ingest server was announced: not republished on
     /// timeout (the broker has it), published again when one is announced.
     pub held: bool,
+    /// The client refused the last publication (its request queue was
+    /// full, or it was reconnecting): due at the next tick, whatever the
+    /// backoff, and that publication does not count as an attempt.
+    pub unsent: bool,
 }
 
 /// Batches in flight, keyed by first seq.
@@ -97,7 +101,8 @@ impl Window {
     }
 
     /// First seqs of batches due to be published again (held batches
-    /// excepted: see [`Inflight::held`]): unconfirmed for `timeout` after
+    /// excepted: see [`Inflight::held`]): refused by the client (see
+    /// [`Inflight::unsent`]), or unconfirmed for `timeout` after
     /// their first publication, then for twice as long after each further
     /// one, at most [`MAX_BACKOFF`] times `timeout`. A confirmation that is
     /// merely slow (an ingest group down, a lagging ClickHouse) then costs
@@ -107,7 +112,8 @@ impl Window {
         self.batches
             .iter()
             .filter(|(_, b)| {
-                !b.held && now.saturating_duration_since(b.sent_at) >= republish_after(timeout, b.attempts)
+                !b.held
+                    && (b.unsent || now.saturating_duration_since(b.sent_at) >= republish_after(timeout, b.attempts))
             })
             .map(|(&k, _)| k)
             .collect()
@@ -213,7 +219,15 @@ mod tests {
     use super::*;
 
     fn batch(last_seq: u64) -> Inflight {
-        Inflight { last_seq, readings: 1, payload: Vec::new(), sent_at: Instant::now(), attempts: 1, held: false }
+        Inflight {
+            last_seq,
+            readings: 1,
+            payload: Vec::new(),
+            sent_at: Instant::now(),
+            attempts: 1,
+            held: false,
+            unsent: false,
+        }
     }
 
     #[test]
