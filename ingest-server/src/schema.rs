@@ -459,11 +459,8 @@ pub fn add_status_columns(flavor: Flavor, tables: &Tables, existing: &[String]) 
         Flavor::Legacy => "",
         Flavor::Current => "IF NOT EXISTS ",
     };
-    let adds: Vec<String> = ADDED_STATUS_COLUMNS
-        .iter()
-        .filter(|(name, _)| !existing.iter().any(|e| e == name))
-        .map(|(name, ty)| format!("ADD COLUMN {guard}{name} {ty}"))
-        .collect();
+    let adds: Vec<String> =
+        missing_status_columns(existing).map(|(name, ty)| format!("ADD COLUMN {guard}{name} {ty}")).collect();
     // In the cluster form the columns go to the replicated tables, on every
     // node; the Distributed table is recreated instead (see `upgrade_status_table`).
     let (table, on_cluster) = match &tables.cluster {
@@ -471,6 +468,11 @@ pub fn add_status_columns(flavor: Flavor, tables: &Tables, existing: &[String]) 
         None => (tables.agent_status.clone(), String::new()),
     };
     (!adds.is_empty()).then(|| format!("ALTER TABLE {table}{on_cluster} {}", adds.join(", ")))
+}
+
+/// Those of [`ADDED_STATUS_COLUMNS`] that are not among `existing`.
+fn missing_status_columns(existing: &[String]) -> impl Iterator<Item = &'static (&'static str, &'static str)> + '_ {
+    ADDED_STATUS_COLUMNS.iter().filter(|(name, _)| !existing.iter().any(|e| e == name))
 }
 
 /// Asks the server for its version and picks the flavour.
@@ -537,8 +539,7 @@ async fn upgrade_distributed_status_table(
     tables: &Tables,
 ) -> Result<(), clickhouse::error::Error> {
     let existing = columns_of(client, tables, "agent_status").await?;
-    let missing: Vec<&str> =
-        ADDED_STATUS_COLUMNS.iter().map(|(name, _)| *name).filter(|name| !existing.iter().any(|e| e == name)).collect();
+    let missing: Vec<&str> = missing_status_columns(&existing).map(|(name, _)| *name).collect();
     if missing.is_empty() {
         return Ok(());
     }

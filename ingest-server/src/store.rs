@@ -64,8 +64,8 @@ const TRANSIENT_CODES: &[u32] = &[
     209, // SOCKET_TIMEOUT
     210, // NETWORK_ERROR
     242, // TABLE_IS_READ_ONLY
-    285, // TOO_FEW_LIVE_REPLICAS
     279, // ALL_CONNECTION_TRIES_FAILED
+    285, // TOO_FEW_LIVE_REPLICAS
     319, // UNKNOWN_STATUS_OF_INSERT
     369, // ALL_REPLICAS_ARE_STALE (a rollup read on a cluster waits for a replica to catch up)
     394, // QUERY_WAS_CANCELLED

@@ -76,41 +76,41 @@ fn new_rows<'a>(job: &'a Job, parts: &[usize], days: Option<&BTreeSet<i64>>) -> 
 /// `ts` order (unless an agent's batches overlap or came out of order: then
 /// that stream alone is sorted), so a counting sort by stream (one hash per
 /// row) and a sort of the few distinct streams do it.
-pub(crate) fn in_table_order(rows: &[ReadingRow<'_>]) -> Vec<u32> {
-    let mut ids: foldhash::HashMap<(&str, &str), u32> = foldhash::HashMap::default();
+pub(crate) fn in_table_order(rows: &[ReadingRow<'_>]) -> Vec<usize> {
+    let mut ids: foldhash::HashMap<(&str, &str), usize> = foldhash::HashMap::default();
     let mut streams: Vec<(&str, &str)> = Vec::new();
-    let stream_of: Vec<u32> = rows
+    let stream_of: Vec<usize> = rows
         .iter()
         .map(|r| {
             *ids.entry((r.client_id, r.sensor)).or_insert_with(|| {
                 streams.push((r.client_id, r.sensor));
-                u32::try_from(streams.len() - 1).unwrap_or(u32::MAX)
+                streams.len() - 1
             })
         })
         .collect();
-    // Each stream's first position in the output, streams in key order.
-    let mut by_key: Vec<u32> = (0..u32::try_from(streams.len()).unwrap_or(u32::MAX)).collect();
-    by_key.sort_unstable_by_key(|&id| streams[id as usize]);
-    let mut count = vec![0usize; streams.len()];
+    let mut count = vec![0; streams.len()];
     for &id in &stream_of {
-        count[id as usize] += 1;
+        count[id] += 1;
     }
-    let mut start = vec![0usize; streams.len()];
+    // Each stream's first position in the output, streams in key order.
+    let mut by_key: Vec<usize> = (0..streams.len()).collect();
+    by_key.sort_unstable_by_key(|&id| streams[id]);
+    let mut start = vec![0; streams.len()];
     let mut at = 0;
     for &id in &by_key {
-        start[id as usize] = at;
-        at += count[id as usize];
+        start[id] = at;
+        at += count[id];
     }
-    let mut order = vec![0u32; rows.len()];
+    let mut order = vec![0; rows.len()];
     let mut next = start.clone();
     for (i, &id) in stream_of.iter().enumerate() {
-        order[next[id as usize]] = u32::try_from(i).unwrap_or(u32::MAX);
-        next[id as usize] += 1;
+        order[next[id]] = i;
+        next[id] += 1;
     }
     for &id in &by_key {
-        let stream = &mut order[start[id as usize]..next[id as usize]];
-        if !stream.is_sorted_by_key(|&i| rows[i as usize].ts) {
-            stream.sort_by_key(|&i| rows[i as usize].ts);
+        let stream = &mut order[start[id]..next[id]];
+        if !stream.is_sorted_by_key(|&i| rows[i].ts) {
+            stream.sort_by_key(|&i| rows[i].ts);
         }
     }
     order
@@ -195,7 +195,7 @@ impl Writer {
         let order = in_table_order(&rows);
         let mut insert = self.store.client().insert_unescaped::<ReadingRow<'_>>(&self.store.tables().readings).await?;
         for i in order {
-            insert.write(&rows[i as usize]).await?;
+            insert.write(&rows[i]).await?;
         }
         insert.end().await
     }
@@ -640,7 +640,7 @@ mod tests {
             }
         }
         input.push(row("c-a", "t", 100, 999));
-        let ordered: Vec<ReadingRow<'_>> = in_table_order(&input).into_iter().map(|i| input[i as usize]).collect();
+        let ordered: Vec<ReadingRow<'_>> = in_table_order(&input).into_iter().map(|i| input[i]).collect();
         assert!(ordered.is_sorted_by_key(|r| (r.client_id, r.sensor, r.ts)));
         let key = |r: &ReadingRow<'_>| (r.client_id.to_owned(), r.sensor.to_owned(), r.ts, r.seq);
         let mut want: Vec<_> = input.iter().map(key).collect();
