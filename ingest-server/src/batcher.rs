@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::Publish;
-use telemetry_wire::{AgentStatus, Batch};
+use telemetry_wire::{AgentStatus, CompactBatch};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -156,7 +156,7 @@ impl Batcher {
         match self.topics.classify(&publish.topic) {
             TopicKind::Client(client_id) => {
                 self.count("batch");
-                match Batch::decode(&publish.payload, self.max_payload) {
+                match CompactBatch::decode(&publish.payload, self.max_payload) {
                     Err(error) => {
                         job.dead.push(dead(publish, client_id, error.kind(), error.to_string()));
                     }
@@ -191,7 +191,7 @@ impl Batcher {
         job.messages.push(message);
     }
 
-    fn accept_batch(&self, job: &mut Job, batch: Batch, index: usize) {
+    fn accept_batch(&self, job: &mut Job, batch: CompactBatch, index: usize) {
         let total = batch.readings.len();
         self.metrics.received_readings.inc_by(total as u64);
         let fresh = {

@@ -6,7 +6,7 @@
 //! each other.
 
 use rumqttc::Publish;
-use telemetry_wire::{AgentStatus, Batch, SeqRange};
+use telemetry_wire::{AgentStatus, CompactBatch, Sample, SeqRange};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -15,8 +15,8 @@ use crate::deadletter::DeadLetter;
 /// A decoded batch and the seqs of it that are new (to insert).
 #[derive(Debug)]
 pub struct BatchPart {
-    /// The decoded batch.
-    pub batch: Batch,
+    /// The decoded batch (sensor names held once).
+    pub batch: CompactBatch,
     /// Ranges of it nobody stored or claimed before (non-empty).
     pub fresh: Vec<(u64, u64)>,
     /// Index of its message in [`Job::messages`].
@@ -25,9 +25,9 @@ pub struct BatchPart {
 
 impl BatchPart {
     /// The new readings with their seqs, in seq order.
-    pub fn fresh_readings(&self) -> impl Iterator<Item = (u64, &telemetry_wire::Reading)> + '_ {
+    pub fn fresh_readings(&self) -> impl Iterator<Item = (u64, &Sample)> + '_ {
         self.fresh.iter().flat_map(move |&(lo, hi)| {
-            // Invariant: Batch::decode checked readings.len() == last - first + 1,
+            // Invariant: CompactBatch::decode checked readings.len() == last - first + 1,
             // and fresh ranges lie within first_seq..=last_seq.
             (lo..=hi).map(move |seq| (seq, &self.batch.readings[(seq - self.batch.first_seq) as usize]))
         })

@@ -111,8 +111,14 @@ impl Touched {
         let mut set = BTreeSet::new();
         for part in &job.parts {
             let mut minutes = BTreeSet::new();
+            let mut last = None;
             for (_, reading) in part.fresh_readings() {
-                minutes.insert(minute_of(reading.ts));
+                let minute = minute_of(reading.ts);
+                // Consecutive readings mostly share a minute: one set insert per change.
+                if last != Some(minute) {
+                    minutes.insert(minute);
+                    last = Some(minute);
+                }
             }
             set.extend(minutes.into_iter().map(|m| (part.batch.client_id.clone(), m)));
         }

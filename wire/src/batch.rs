@@ -89,6 +89,47 @@ fn decompress_body(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
+/// Runs `decode` on the version-1 body of a batch payload (decompressed if
+/// it is [`BATCH_VERSION_ZSTD`]) once its lengths are checked
+/// ([`crate::bounds`]).
+pub(crate) fn with_body<T>(
+    payload: &[u8],
+    max: usize,
+    decode: impl FnOnce(&[u8]) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    let decompressed;
+    let body = match payload.first() {
+        Some(&BATCH_VERSION_ZSTD) => {
+            decompressed = decompress_body(split_version(payload, BATCH_VERSION_ZSTD, max)?)?;
+            &decompressed[..]
+        }
+        _ => split_version(payload, BATCH_VERSION, max)?,
+    };
+    crate::bounds::batch(body)?;
+    decode(body)
+}
+
+/// The header rules of a batch: a valid client id, at least one reading,
+/// and exactly one reading per seq of `first_seq..=last_seq`.
+pub(crate) fn validate_header(
+    client_id: &str,
+    first_seq: u64,
+    last_seq: u64,
+    readings: usize,
+) -> Result<(), DecodeError> {
+    validate_client_id(client_id)?;
+    if readings == 0 {
+        return Err(DecodeError::InvalidHeader("batch has no readings".into()));
+    }
+    let span = last_seq.checked_sub(first_seq).and_then(|d| d.checked_add(1));
+    if span != Some(readings as u64) {
+        return Err(DecodeError::InvalidHeader(format!(
+            "seq range {first_seq}..={last_seq} does not match {readings} readings"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that a client id is usable as an MQTT topic level and a database
 /// key: 1 to [`MAX_CLIENT_ID_LEN`] bytes of `[A-Za-z0-9_.-]`.
 ///
@@ -160,18 +201,11 @@ impl Batch {
     /// # Errors
     /// Any [`DecodeError`]; the payload must not exceed `max` bytes.
     pub fn decode(payload: &[u8], max: usize) -> Result<Self, DecodeError> {
-        let decompressed;
-        let body = match payload.first() {
-            Some(&BATCH_VERSION_ZSTD) => {
-                decompressed = decompress_body(split_version(payload, BATCH_VERSION_ZSTD, max)?)?;
-                &decompressed[..]
-            }
-            _ => split_version(payload, BATCH_VERSION, max)?,
-        };
-        crate::bounds::batch(body)?;
-        let batch: Self = decode_exact(body)?;
-        batch.validate()?;
-        Ok(batch)
+        with_body(payload, max, |body| {
+            let batch: Self = decode_exact(body)?;
+            batch.validate()?;
+            Ok(batch)
+        })
     }
 
     /// Reads only the header of a batch payload: `(client_id, range)`.
@@ -217,19 +251,7 @@ impl Batch {
     /// # Errors
     /// The first broken invariant.
     pub fn validate(&self) -> Result<(), DecodeError> {
-        validate_client_id(&self.client_id)?;
-        if self.readings.is_empty() {
-            return Err(DecodeError::InvalidHeader("batch has no readings".into()));
-        }
-        let span = self.last_seq.checked_sub(self.first_seq).and_then(|d| d.checked_add(1));
-        if span != Some(self.readings.len() as u64) {
-            return Err(DecodeError::InvalidHeader(format!(
-                "seq range {}..={} does not match {} readings",
-                self.first_seq,
-                self.last_seq,
-                self.readings.len()
-            )));
-        }
+        validate_header(&self.client_id, self.first_seq, self.last_seq, self.readings.len())?;
         for (index, reading) in self.readings.iter().enumerate() {
             reading.validate().map_err(|source| DecodeError::InvalidReading { index, source })?;
         }

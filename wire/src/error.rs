@@ -99,6 +99,16 @@ pub(crate) fn split_version(payload: &[u8], version: u8, max: usize) -> Result<&
     }
 }
 
+/// Decodes exactly one bincode value borrowing from `body` (its strings
+/// point into it), rejecting trailing bytes.
+pub(crate) fn borrow_decode_exact<'a, T: bincode::BorrowDecode<'a, ()>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    let (value, used) = bincode::borrow_decode_from_slice(body, crate::bincode_config())?;
+    match body.len() - used {
+        0 => Ok(value),
+        extra => Err(DecodeError::TrailingBytes(extra)),
+    }
+}
+
 /// Decodes exactly one bincode value from `body`, rejecting trailing bytes.
 pub(crate) fn decode_exact<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, DecodeError> {
     let (value, used) = bincode::decode_from_slice(body, crate::bincode_config())?;

@@ -71,12 +71,7 @@ impl Reading {
     /// # Errors
     /// The first rule the reading breaks.
     pub fn validate(&self) -> Result<(), ReadingError> {
-        if !self.value.is_finite() {
-            return Err(ReadingError::NonFiniteValue);
-        }
-        if !(MIN_TS_MICROS..=MAX_TS_MICROS).contains(&self.ts) {
-            return Err(ReadingError::TimestampOutOfRange(self.ts));
-        }
+        validate_measurement(self.ts, self.value)?;
         validate_sensor(&self.sensor)
     }
 
@@ -92,6 +87,21 @@ impl Reading {
 pub fn now_micros() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The rules of [`Reading::validate`] for the value and the timestamp,
+/// checked in that order, before the sensor name.
+///
+/// # Errors
+/// A value that is not finite, or a timestamp outside 2000..2100.
+pub fn validate_measurement(ts: i64, value: f64) -> Result<(), ReadingError> {
+    if !value.is_finite() {
+        return Err(ReadingError::NonFiniteValue);
+    }
+    if !(MIN_TS_MICROS..=MAX_TS_MICROS).contains(&ts) {
+        return Err(ReadingError::TimestampOutOfRange(ts));
+    }
+    Ok(())
 }
 
 /// Checks a sensor name against the rules of [`Reading::validate`].

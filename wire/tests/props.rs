@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
 use telemetry_wire::reading::{MAX_TS_MICROS, MIN_TS_MICROS};
-use telemetry_wire::{json, AckFrameCodec, Batch, IngestAck, Reading, SensorFrameCodec, SeqRange};
+use telemetry_wire::{json, AckFrameCodec, Batch, CompactBatch, IngestAck, Reading, SensorFrameCodec, SeqRange};
 use tokio_util::codec::{Decoder, Encoder};
 
 fn reading() -> impl Strategy<Value = Reading> {
@@ -27,7 +27,41 @@ fn batch() -> impl Strategy<Value = Batch> {
     )
 }
 
+/// A batch whose readings share a few names (as a device's do), some of
+/// them invalid, and sometimes a bad value or timestamp.
+fn batch_of_few_names() -> impl Strategy<Value = Batch> {
+    let name = prop::sample::select(vec!["t", "p", "temperature-0", "", "bad\u{1}", "h"]);
+    let value = prop::sample::select(vec![1.5, -2.0, f64::NAN, f64::INFINITY]);
+    let ts = prop::sample::select(vec![MIN_TS_MICROS, MAX_TS_MICROS, 0, 1_700_000_000_000_000]);
+    let reading = (name, ts, value).prop_map(|(n, ts, value)| Reading::new(n, ts, value));
+    (any::<u64>(), prop::collection::vec(reading, 1..40)).prop_map(|(epoch, readings)| Batch {
+        client_id: "dev-1".into(),
+        epoch,
+        first_seq: 1,
+        last_seq: readings.len() as u64,
+        readings,
+    })
+}
+
+/// The compact decoder agrees with the plain one: same batch, or same error.
+fn decoders_agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(CompactBatch::decode(bytes, 1 << 20).map(Batch::from), Batch::decode(bytes, 1 << 20));
+    Ok(())
+}
+
 proptest! {
+    #[test]
+    fn the_compact_decoder_agrees_with_the_plain_one(b in batch_of_few_names(), zstd in any::<bool>()) {
+        decoders_agree(&if zstd { b.encode_zstd() } else { b.encode() })?;
+    }
+
+    #[test]
+    fn the_compact_decoder_agrees_on_every_truncation_and_on_valid_batches(b in batch(), cut in any::<prop::sample::Index>()) {
+        let bytes = b.encode();
+        decoders_agree(&bytes)?;
+        decoders_agree(&bytes[..cut.index(bytes.len())])?;
+    }
+
     #[test]
     fn sensor_frames_round_trip(frames in prop::collection::vec(prop::collection::vec(reading(), 0..20), 1..5)) {
         let mut codec = SensorFrameCodec::default();
@@ -68,7 +102,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_any_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = Batch::decode(&bytes, 1 << 20);
+        decoders_agree(&bytes)?;
         let _ = IngestAck::decode(&bytes, 1 << 20);
         let _ = telemetry_wire::frame::decode_readings_payload(&bytes, 1 << 20);
         let _ = AckFrameCodec::decode_payload(&bytes);
@@ -85,7 +119,7 @@ proptest! {
         // version check into bincode, where length prefixes are forged.
         let mut bytes = vec![1u8];
         bytes.extend_from_slice(&body);
-        let _ = Batch::decode(&bytes, 1 << 20);
+        decoders_agree(&bytes)?;
         let _ = IngestAck::decode(&bytes, 1 << 20);
         let _ = telemetry_wire::frame::decode_readings_payload(&bytes, 1 << 20);
     }
