@@ -96,10 +96,12 @@ fn in_table_order(rows: &[ReadingRow<'_>], stream_of: &[usize], streams: &[(&str
     for &id in stream_of {
         count[id] += 1;
     }
-    // Each stream's first position in the output, streams in key order
-    // (streams with the same key next to each other).
+    // Each stream's first position in the output, streams in key order;
+    // streams with the same key next to each other in the order of their
+    // ids, i.e. of their messages (a stable sort: a client's messages
+    // arrive in seq order, so its readings usually need no sort by `ts`).
     let mut by_key: Vec<usize> = (0..streams.len()).collect();
-    by_key.sort_unstable_by_key(|&id| streams[id]);
+    by_key.sort_by_key(|&id| streams[id]);
     let mut start = vec![0; streams.len()];
     let mut at = 0;
     for &id in &by_key {
