@@ -33,6 +33,7 @@
 pub mod acker;
 pub mod api;
 pub mod batcher;
+pub mod body;
 pub mod config;
 pub mod dashboard;
 pub mod deadletter;

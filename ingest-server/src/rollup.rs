@@ -111,13 +111,15 @@ impl Touched {
         let mut set = BTreeSet::new();
         for part in &job.parts {
             let mut minutes = BTreeSet::new();
-            let mut last = None;
+            // The last minute inserted, as [start, end) in µs: consecutive
+            // readings mostly share a minute, so most cost two comparisons.
+            let mut last = (0, 0);
             for (_, reading) in part.fresh_readings() {
-                let minute = minute_of(reading.ts);
-                // Consecutive readings mostly share a minute: one set insert per change.
-                if last != Some(minute) {
+                if !(last.0..last.1).contains(&reading.ts) {
+                    let minute = minute_of(reading.ts);
                     minutes.insert(minute);
-                    last = Some(minute);
+                    let start = i64::from(minute) * 1_000_000;
+                    last = (start, start + MINUTE_US);
                 }
             }
             set.extend(minutes.into_iter().map(|m| (part.batch.client_id.clone(), m)));
@@ -954,6 +956,24 @@ mod tests {
         assert_eq!(runs.len(), 3);
         assert!(runs.iter().all(|r| r.clients.len() <= MAX_CLIENTS_PER_STATEMENT));
         assert_eq!(covered(&runs), many.into_iter().collect());
+    }
+
+    #[test]
+    fn a_jobs_touched_minutes_are_those_of_its_fresh_readings() {
+        use telemetry_wire::{Batch, CompactBatch, Reading};
+        // Minutes 0, 1, back to 0, then 5 (not fresh) and 2; client b in minute 1 only.
+        let ts = [10, 59_999_999, 60_000_000, 30, 300_000_000, 120_000_000];
+        let base = 1_700_000_040_000_000; // a minute boundary
+        let part = |client: &str, ts: &[i64], fresh: Vec<(u64, u64)>| {
+            let readings: Vec<Reading> = ts.iter().map(|t| Reading::new("s", base + t, 1.0)).collect();
+            let batch = Batch { client_id: client.into(), epoch: 1, first_seq: 1, last_seq: ts.len() as u64, readings };
+            crate::job::BatchPart { batch: CompactBatch::decode(&batch.encode(), 1 << 20).unwrap(), fresh, message: 0 }
+        };
+        let mut job = Job::default();
+        job.parts.push(part("a", &ts, vec![(1, 4), (6, 6)]));
+        job.parts.push(part("b", &[60_000_001], vec![(1, 1)]));
+        let m = |k: u32| 1_700_000_040 + 60 * k;
+        assert_eq!(Touched::of(&job), touched(&[("a", m(0)), ("a", m(1)), ("a", m(2)), ("b", m(1))]));
     }
 
     #[test]
