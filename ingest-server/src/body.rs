@@ -44,47 +44,67 @@ struct Slot {
     ts: i64,
 }
 
-/// The new readings of `parts` (indices into `job.parts`) whose time passes
-/// `keep`, in the table's key order, as RowBinary chunks of at most about
-/// [`CHUNK_BYTES`]. No chunk when there is no such reading.
-pub fn encode(job: &Job, parts: &[usize], keep: impl Fn(i64) -> bool) -> Vec<Bytes> {
-    let mut streams: Vec<(&str, &str)> = Vec::new();
-    let mut slots: Vec<Slot> = Vec::new();
-    for (p, part) in parts.iter().map(|&i| &job.parts[i]).enumerate() {
-        let batch = &part.batch;
-        // Invariant: stream and slot indices fit u32: a job holds at most
-        // `batch_max_rows` readings, far below 2^32.
-        let base = streams.len() as u32;
-        streams.extend(batch.sensors.iter().map(|s| (batch.client_id.as_str(), s.as_str())));
-        for (seq, sample) in part.fresh_readings() {
-            if keep(sample.ts) {
-                let index = (seq - batch.first_seq) as u32;
-                slots.push(Slot { stream: base + sample.sensor, part: p as u32, index, ts: sample.ts });
+/// The new readings of some of a job's parts, in the table's key order,
+/// handed out as RowBinary chunks of at most about [`CHUNK_BYTES`] one at a
+/// time: a chunk is encoded when the previous one was sent, so a job's body
+/// (about 14 MB for 200,000 readings) is never in memory at once. (Encoded
+/// whole up front, the 10M-reading bench spent 29% of the server's CPU in
+/// the kernel zeroing fresh pages.)
+#[derive(Debug)]
+pub struct Body<'a> {
+    job: &'a Job,
+    parts: &'a [usize],
+    slots: Vec<Slot>,
+    order: std::vec::IntoIter<usize>,
+    prefixes: Vec<Vec<u8>>,
+}
+
+impl<'a> Body<'a> {
+    /// The body of the new readings of `parts` (indices into `job.parts`)
+    /// whose time passes `keep`.
+    pub fn new(job: &'a Job, parts: &'a [usize], keep: impl Fn(i64) -> bool) -> Self {
+        let mut streams: Vec<(&str, &str)> = Vec::new();
+        let mut slots: Vec<Slot> = Vec::new();
+        for (p, part) in parts.iter().map(|&i| &job.parts[i]).enumerate() {
+            let batch = &part.batch;
+            // Invariant: stream and slot indices fit u32: a job holds at
+            // most `batch_max_rows` readings, far below 2^32.
+            let base = streams.len() as u32;
+            streams.extend(batch.sensors.iter().map(|s| (batch.client_id.as_str(), s.as_str())));
+            for (seq, sample) in part.fresh_readings() {
+                if keep(sample.ts) {
+                    let index = (seq - batch.first_seq) as u32;
+                    slots.push(Slot { stream: base + sample.sensor, part: p as u32, index, ts: sample.ts });
+                }
             }
         }
+        let order = in_table_order(&slots, &streams).into_iter();
+        let prefixes = streams.iter().map(|(c, s)| stream_prefix(c, s)).collect();
+        Self { job, parts, slots, order, prefixes }
     }
-    let order = in_table_order(&slots, &streams);
-    let prefixes: Vec<Vec<u8>> = streams.iter().map(|(c, s)| stream_prefix(c, s)).collect();
-    let mut chunks = Vec::new();
-    let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
-    for i in order {
-        let slot = slots[i];
-        let batch = &job.parts[parts[slot.part as usize]].batch;
-        let sample = &batch.readings[slot.index as usize];
-        buf.put_slice(&prefixes[slot.stream as usize]);
-        buf.put_i64_le(sample.ts);
-        buf.put_f64_le(sample.value);
-        buf.put_u64_le(batch.epoch);
-        buf.put_u64_le(batch.first_seq + u64::from(slot.index));
-        if buf.len() >= CHUNK_BYTES - 512 {
-            chunks.push(buf.split().freeze());
-            buf.reserve(CHUNK_BYTES);
+
+    /// The next chunk, `None` once every reading was handed out (at once if
+    /// there is none).
+    pub fn next_chunk(&mut self) -> Option<Bytes> {
+        let mut buf = BytesMut::new();
+        for i in self.order.by_ref() {
+            if buf.is_empty() {
+                buf.reserve(CHUNK_BYTES);
+            }
+            let slot = self.slots[i];
+            let batch = &self.job.parts[self.parts[slot.part as usize]].batch;
+            let sample = &batch.readings[slot.index as usize];
+            buf.put_slice(&self.prefixes[slot.stream as usize]);
+            buf.put_i64_le(sample.ts);
+            buf.put_f64_le(sample.value);
+            buf.put_u64_le(batch.epoch);
+            buf.put_u64_le(batch.first_seq + u64::from(slot.index));
+            if buf.len() >= CHUNK_BYTES - 512 {
+                break;
+            }
         }
+        (!buf.is_empty()).then(|| buf.freeze())
     }
-    if !buf.is_empty() {
-        chunks.push(buf.freeze());
-    }
-    chunks
 }
 
 /// `client_id` and `sensor` as RowBinary strings: the start of every row of
@@ -149,6 +169,11 @@ mod tests {
 
     use super::*;
     use crate::job::BatchPart;
+
+    fn encode(job: &Job, parts: &[usize], keep: impl Fn(i64) -> bool) -> Vec<Bytes> {
+        let mut body = Body::new(job, parts, keep);
+        std::iter::from_fn(|| body.next_chunk()).collect()
+    }
 
     #[test]
     fn rows_go_out_in_the_tables_key_order_and_none_is_lost() {

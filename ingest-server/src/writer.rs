@@ -24,7 +24,7 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body;
+use crate::body::{self, Body};
 use crate::deadletter::{unix_seconds, DeadLetter, DeadLetterRow};
 use crate::dedup::DedupState;
 use crate::job::{Job, Outcome};
@@ -107,10 +107,10 @@ impl Writer {
         parts: &[usize],
         days: Option<&BTreeSet<i64>>,
     ) -> Result<(), clickhouse::error::Error> {
-        let chunks = body::encode(job, parts, |ts| days.is_none_or(|d| d.contains(&day_of(ts))));
+        let mut body = Body::new(job, parts, |ts| days.is_none_or(|d| d.contains(&day_of(ts))));
         let sql = format!("INSERT INTO {}({}) FORMAT RowBinary", self.store.tables().readings, body::COLUMNS);
         let mut insert = self.store.client().insert_formatted_with(sql);
-        for chunk in chunks {
+        while let Some(chunk) = body.next_chunk() {
             insert.send(chunk).await?;
         }
         insert.end().await
