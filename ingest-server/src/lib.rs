@@ -19,6 +19,7 @@
 //! - [`batcher`]: decode, dedup claim, gather into jobs, flush rules.
 //! - [`store`]: the ClickHouse client, error classes, the retry policy.
 //! - [`writer`]: a job's inserts (readings, rollup markers, ranges).
+//! - [`body`]: the readings insert's body (key order, RowBinary).
 //! - [`acker`]: in-order completion: dedup update, PUBACK, ingest acks.
 //! - [`schema`]: DDL for ClickHouse 18.16 and current versions.
 //! - [`dedup`]: interval sets of stored `(client_id, epoch, seq)` ranges.
