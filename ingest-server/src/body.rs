@@ -45,7 +45,7 @@ struct Slot {
 }
 
 /// The new readings of some of a job's parts, in the table's key order,
-/// handed out as RowBinary chunks of at most about [`CHUNK_BYTES`] one at a
+/// handed out as RowBinary chunks of at most about 256 KiB one at a
 /// time: a chunk is encoded when the previous one was sent, so a job's body
 /// (about 14 MB for 200,000 readings) is never in memory at once. (Encoded
 /// whole up front, the 10M-reading bench spent 29% of the server's CPU in
