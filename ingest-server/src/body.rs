@@ -37,7 +37,7 @@ const CHUNK_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     stream: u32,
-    /// Index into the `parts` given to [`encode`].
+    /// Index into `job.parts`.
     part: u32,
     /// Index into that part's batch readings.
     index: u32,
@@ -53,7 +53,6 @@ struct Slot {
 #[derive(Debug)]
 pub struct Body<'a> {
     job: &'a Job,
-    parts: &'a [usize],
     slots: Vec<Slot>,
     order: std::vec::IntoIter<usize>,
     prefixes: Vec<Vec<u8>>,
@@ -62,10 +61,11 @@ pub struct Body<'a> {
 impl<'a> Body<'a> {
     /// The body of the new readings of `parts` (indices into `job.parts`)
     /// whose time passes `keep`.
-    pub fn new(job: &'a Job, parts: &'a [usize], keep: impl Fn(i64) -> bool) -> Self {
+    pub fn new(job: &'a Job, parts: &[usize], keep: impl Fn(i64) -> bool) -> Self {
         let mut streams: Vec<(&str, &str)> = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
-        for (p, part) in parts.iter().map(|&i| &job.parts[i]).enumerate() {
+        for &p in parts {
+            let part = &job.parts[p];
             let batch = &part.batch;
             // Invariant: stream and slot indices fit u32: a job holds at
             // most `batch_max_rows` readings, far below 2^32.
@@ -80,19 +80,16 @@ impl<'a> Body<'a> {
         }
         let order = in_table_order(&slots, &streams).into_iter();
         let prefixes = streams.iter().map(|(c, s)| stream_prefix(c, s)).collect();
-        Self { job, parts, slots, order, prefixes }
+        Self { job, slots, order, prefixes }
     }
 
     /// The next chunk, `None` once every reading was handed out (at once if
     /// there is none).
     pub fn next_chunk(&mut self) -> Option<Bytes> {
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
         for i in self.order.by_ref() {
-            if buf.is_empty() {
-                buf.reserve(CHUNK_BYTES);
-            }
             let slot = self.slots[i];
-            let batch = &self.job.parts[self.parts[slot.part as usize]].batch;
+            let batch = &self.job.parts[slot.part as usize].batch;
             let sample = &batch.readings[slot.index as usize];
             buf.put_slice(&self.prefixes[slot.stream as usize]);
             buf.put_i64_le(sample.ts);
@@ -165,7 +162,7 @@ fn in_table_order(slots: &[Slot], streams: &[(&str, &str)]) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use telemetry_wire::{Batch, CompactBatch, Reading};
+    use telemetry_wire::Reading;
 
     use super::*;
     use crate::job::BatchPart;
@@ -233,12 +230,6 @@ mod tests {
         out
     }
 
-    fn part(client: &str, epoch: u64, first_seq: u64, readings: Vec<Reading>, fresh: Vec<(u64, u64)>) -> BatchPart {
-        let last_seq = first_seq + readings.len() as u64 - 1;
-        let batch = Batch { client_id: client.into(), epoch, first_seq, last_seq, readings };
-        BatchPart { batch: CompactBatch::decode(&batch.encode(), 1 << 24).unwrap(), fresh, message: 0 }
-    }
-
     #[test]
     fn a_jobs_fresh_readings_are_encoded_in_key_order_across_chunks() {
         const T: i64 = 1_700_000_000_000_000;
@@ -248,9 +239,9 @@ mod tests {
             (0..n).map(|i| Reading::new(sensors[(i % 2) as usize], T + base + i, i as f64)).collect()
         };
         let mut job = Job::default();
-        job.parts.push(part("b", 7, 1, rows(0, 10_000), vec![(1, 10_000)]));
-        job.parts.push(part("a", 9, 101, rows(50_000, 4), vec![(101, 104)]));
-        job.parts.push(part("a", 9, 1, rows(0, 10_000), vec![(1, 5), (9_001, 10_000)]));
+        job.parts.push(BatchPart::for_test("b", 7, 1, rows(0, 10_000), vec![(1, 10_000)]));
+        job.parts.push(BatchPart::for_test("a", 9, 101, rows(50_000, 4), vec![(101, 104)]));
+        job.parts.push(BatchPart::for_test("a", 9, 1, rows(0, 10_000), vec![(1, 5), (9_001, 10_000)]));
         let chunks = encode(&job, &[0, 1, 2], |_| true);
         assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
         let got = decode(&chunks.concat());

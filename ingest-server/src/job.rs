@@ -34,6 +34,24 @@ impl BatchPart {
     }
 }
 
+#[cfg(test)]
+impl BatchPart {
+    /// A part of message 0 holding `readings` of `client` from `first_seq`
+    /// on, decoded as the batcher decodes it; `fresh` its new ranges.
+    pub(crate) fn for_test(
+        client: &str,
+        epoch: u64,
+        first_seq: u64,
+        readings: Vec<telemetry_wire::Reading>,
+        fresh: Vec<(u64, u64)>,
+    ) -> Self {
+        let last_seq = first_seq + readings.len() as u64 - 1;
+        let batch = telemetry_wire::Batch { client_id: client.into(), epoch, first_seq, last_seq, readings };
+        // Invariant (test input): the batch encodes and decodes.
+        Self { batch: CompactBatch::decode(&batch.encode(), 1 << 24).expect("a valid test batch"), fresh, message: 0 }
+    }
+}
+
 /// What an ack on `<prefix>/ack/<client_id>` should confirm once stored.
 #[derive(Debug, Clone)]
 pub struct AckItem {

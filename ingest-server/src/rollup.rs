@@ -960,14 +960,13 @@ mod tests {
 
     #[test]
     fn a_jobs_touched_minutes_are_those_of_its_fresh_readings() {
-        use telemetry_wire::{Batch, CompactBatch, Reading};
+        use telemetry_wire::Reading;
         // Minutes 0, 1, back to 0, then 5 (not fresh) and 2; client b in minute 1 only.
         let ts = [10, 59_999_999, 60_000_000, 30, 300_000_000, 120_000_000];
         let base = 1_700_000_040_000_000; // a minute boundary
         let part = |client: &str, ts: &[i64], fresh: Vec<(u64, u64)>| {
             let readings: Vec<Reading> = ts.iter().map(|t| Reading::new("s", base + t, 1.0)).collect();
-            let batch = Batch { client_id: client.into(), epoch: 1, first_seq: 1, last_seq: ts.len() as u64, readings };
-            crate::job::BatchPart { batch: CompactBatch::decode(&batch.encode(), 1 << 20).unwrap(), fresh, message: 0 }
+            crate::job::BatchPart::for_test(client, 1, 1, readings, fresh)
         };
         let mut job = Job::default();
         job.parts.push(part("a", &ts, vec![(1, 4), (6, 6)]));

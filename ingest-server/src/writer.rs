@@ -507,17 +507,7 @@ pub fn day_of(ts_us: i64) -> i64 {
 
 /// The days of the new readings of `parts`.
 fn days_of(job: &Job, parts: &[usize]) -> BTreeSet<i64> {
-    let mut days = BTreeSet::new();
-    let mut last = None;
-    for (_, r) in parts.iter().flat_map(|&i| job.parts[i].fresh_readings()) {
-        let day = day_of(r.ts);
-        // Consecutive readings mostly share a day: one set insert per change.
-        if last != Some(day) {
-            days.insert(day);
-            last = Some(day);
-        }
-    }
-    days
+    parts.iter().flat_map(|&i| job.parts[i].fresh_readings()).map(|(_, r)| day_of(r.ts)).collect()
 }
 
 /// `days` cut into groups of at most [`MAX_PARTITIONS_PER_INSERT`].

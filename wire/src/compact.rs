@@ -80,9 +80,9 @@ struct Names<'a> {
 const SCAN_NAMES: usize = 16;
 
 impl<'a> Names<'a> {
+    // Invariant: ids fit u32: the list holds at most one name per reading.
     fn find(&self, name: &str) -> Option<u32> {
         if self.list.len() <= SCAN_NAMES {
-            // Invariant: the list is indexed by u32 (it holds at most one name per reading).
             self.list.iter().position(|n| *n == name).map(|i| i as u32)
         } else {
             self.index.get(name).copied()
@@ -90,7 +90,7 @@ impl<'a> Names<'a> {
     }
 
     fn add(&mut self, name: &'a str) -> u32 {
-        let id = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        let id = self.list.len() as u32;
         self.list.push(name);
         if self.list.len() > SCAN_NAMES {
             if self.index.is_empty() {
@@ -113,22 +113,17 @@ impl CompactBatch {
             let b: BorrowedBatch<'_> = borrow_decode_exact(body)?;
             validate_header(b.client_id, b.first_seq, b.last_seq, b.readings.len())?;
             let mut names = Names { list: Vec::new(), index: HashMap::new() };
-            let mut last: Option<(&str, u32)> = None;
             let mut readings = Vec::with_capacity(b.readings.len());
             for (index, r) in b.readings.iter().enumerate() {
                 let invalid = |source| DecodeError::InvalidReading { index, source };
                 validate_measurement(r.ts, r.value).map_err(invalid)?;
-                let sensor = match last {
-                    Some((name, id)) if name == r.sensor => id,
-                    _ => match names.find(r.sensor) {
-                        Some(id) => id,
-                        None => {
-                            validate_sensor(r.sensor).map_err(invalid)?;
-                            names.add(r.sensor)
-                        }
-                    },
+                let sensor = match names.find(r.sensor) {
+                    Some(id) => id,
+                    None => {
+                        validate_sensor(r.sensor).map_err(invalid)?;
+                        names.add(r.sensor)
+                    }
                 };
-                last = Some((r.sensor, sensor));
                 readings.push(Sample { sensor, ts: r.ts, value: r.value });
             }
             Ok(Self {
