@@ -73,6 +73,10 @@ pub struct Metrics {
     pub rollup_markers_spared: Counter,
     /// `(client, minute)` pairs folded into `readings_1m`.
     pub rollup_minutes: Counter,
+    /// `(client, minute)` pairs whose raw rows held an identity twice (a
+    /// copy not yet merged away) when a pass folded them: recomputed under
+    /// `FINAL`.
+    pub rollup_duplicate_minutes: Counter,
     /// Age of the oldest marker the last pass found pending, seconds (0: none).
     pub rollup_backlog_seconds: Gauge,
     /// Insert tasks that failed (panicked); their claims were released.
@@ -144,6 +148,7 @@ impl Metrics {
             rollup_markers: Counter::default(),
             rollup_markers_spared: Counter::default(),
             rollup_minutes: Counter::default(),
+            rollup_duplicate_minutes: Counter::default(),
             rollup_backlog_seconds: Gauge::default(),
             insert_task_failures: Counter::default(),
             stale_pubacks: Counter::default(),
@@ -216,6 +221,11 @@ impl Metrics {
             m.rollup_markers_spared.clone(),
         );
         registry.register("rollup_minutes", "Client minutes folded into readings_1m", m.rollup_minutes.clone());
+        registry.register(
+            "rollup_duplicate_minutes",
+            "Client minutes whose raw rows held a not yet merged copy of a reading when folded (recomputed under FINAL)",
+            m.rollup_duplicate_minutes.clone(),
+        );
         registry.register(
             "rollup_backlog_seconds",
             "Age of the oldest pending rollup marker at the last pass",

@@ -30,6 +30,8 @@ async fn happy_path_stores_each_reading_once_and_acks_exact_ranges() {
     assert_eq!(m.inserted_readings.get(), 1500);
     assert_eq!(m.duplicate_readings.get(), 0);
     assert_eq!(m.dead_letters_total(), 0);
+    assert!(m.rollup_minutes.get() > 0);
+    assert_eq!(m.rollup_duplicate_minutes.get(), 0, "no copies: every minute folded without FINAL");
     harness::wait_for("all acked", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
     assert_eq!(m.acked_messages.get(), all.len() as u64);
     assert!(m.render().contains("telemetry_ingest_inserted_readings_total 1500"));
@@ -500,6 +502,9 @@ async fn readings_inserted_before_a_crash_are_not_counted_twice() {
     let Some(world) = World::new() else { return };
     let server = Server::start(world.config()).await;
     let agent = Agent::connect(&world).await;
+    // No merge may collapse the two copies before the pass folds them: the
+    // fold must find the copy itself and recompute the minute under FINAL.
+    world.ch().query(&format!("SYSTEM STOP MERGES `{}`.readings", world.database)).execute().await.unwrap();
     let b = batch("dev-w", 4, 1, 120);
     let values: Vec<String> = b
         .readings_with_seq()
@@ -515,8 +520,9 @@ async fn readings_inserted_before_a_crash_are_not_counted_twice() {
     agent.publish(&[b]).await;
     agent.flushed().await;
     world.wait_stored(120, Duration::from_secs(30)).await;
-    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 240, "two physical copies (until a merge)");
+    assert_eq!(world.count("SELECT count() FROM DB.readings").await, 240, "two physical copies (merges stopped)");
     world.assert_rollup_exact().await;
+    assert!(server.metrics.rollup_duplicate_minutes.get() > 0, "the fold found the copies");
     agent.wait_acked("dev-w", &[range(4, 1, 120)], Duration::from_secs(10)).await;
     server.stop().await;
 }
@@ -951,14 +957,20 @@ fn current_clickhouse_schema_runs_in_chdb() {
     statements.extend(ddl(Flavor::Current, &tables, 0));
     let ts = |us: i64| format!("fromUnixTimestamp64Micro(toInt64({us}), 'UTC')");
     let base = harness::BASE_TS;
+    statements.push(format!("SYSTEM STOP MERGES {}", tables.readings));
     statements.push(format!(
         "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES
-         ('a', 's', {}, 1.0, 1, 1), ('a', 's', {}, 3.0, 1, 2), ('a', 's', {}, 3.0, 1, 2), ('a', 's', {}, 8.0, 1, 3)",
+         ('a', 's', {}, 1.0, 1, 1), ('a', 's', {}, 3.0, 1, 2), ('a', 's', {}, 8.0, 1, 3)",
         tables.readings,
         ts(base),
         ts(base + 1_000_000),
-        ts(base + 1_000_000), // the same reading again: counts once
         ts(base + 120_000_000),
+    ));
+    // The same reading again, in a part of its own (a redelivery): counts once.
+    statements.push(format!(
+        "INSERT INTO {} (client_id, sensor, ts, value, epoch, seq) VALUES ('a', 's', {}, 3.0, 1, 2)",
+        tables.readings,
+        ts(base + 1_000_000),
     ));
     statements.push(format!(
         "INSERT INTO {} (client_id, epoch, first_seq, last_seq, inserted_at) VALUES ('a', 1, 1, 3, now())",
@@ -1006,9 +1018,27 @@ fn current_clickhouse_schema_runs_in_chdb() {
         .collect();
     let want_pending = |m: i64| (format!("a {m} 7 srv"), "1".to_owned());
     assert_eq!(pending, vec![want_pending(first_s), want_pending(first_s + 120)], "pending markers");
+    // The pass's fold: the first minute's rows hold a copy (3 rows, 2
+    // identities), the third minute's do not.
+    let mut fold = statements.clone();
+    fold.push(format!(
+        "SELECT minute - {first_s}, count, sum, min, max, identities FROM ({}) ORDER BY minute",
+        substitute(
+            &ingest_server::rollup::fold_sql(&tables, Flavor::Current, 1),
+            &["'a'".to_owned(), lit(first), lit(first + 3 * minute)],
+        )
+    ));
+    assert_eq!(harness::run_chdb(&fold), "0\t3\t7\t1\t3\t2\n120\t1\t8\t8\t8\t1\n", "the fold's groups");
+    // What the pass writes then: the exact group as read, the other
+    // minute recomputed under FINAL.
+    statements.push(format!(
+        "INSERT INTO {} (client_id, sensor, minute, count, sum, avg, min, max, version) VALUES ('a', 's', {}, 1, 8, 8, 8, 8, 1)",
+        tables.readings_1m,
+        first_s + 120
+    ));
     statements.push(substitute(
         &ingest_server::rollup::recompute_sql(&tables, Flavor::Current, 1),
-        &["'a'".to_owned(), lit(first), lit(first + 3 * minute)],
+        &["'a'".to_owned(), lit(first), lit(first + minute)],
     ));
     for m in [first_s, first_s + 120] {
         statements.push(format!(
