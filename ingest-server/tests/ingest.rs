@@ -589,6 +589,64 @@ async fn a_closed_minute_still_getting_readings_is_folded_once_when_quiet() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_is_quiet_for_all_its_clients_at_once() {
+    // The pass's read of pending markers (18.16): a minute is folded once
+    // none of its clients had a new marker for rollup_quiet_secs, or once
+    // its oldest marker waited MAX_QUIET_WAIT_SECS, for all its clients in
+    // one pass (client by client, a burst's minute was read twice).
+    use ingest_server::rollup::{pending_markers_sql, QueueRow};
+    use ingest_server::schema::{ddl, Flavor, Tables};
+    let Some(world) = World::new() else { return };
+    let tables = Tables::new(&world.database);
+    let ch = world.ch();
+    ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", world.database)).execute().await.unwrap();
+    for sql in ddl(Flavor::Legacy, &tables, 0) {
+        ch.query(&sql).execute().await.unwrap();
+    }
+    // Minute 600: a quiet for 30 s, b marked 1 s ago. Minute 660: both
+    // quiet. Minute 720: a waited 70 s, b marked just now.
+    let rows = [("a", 600, 30), ("b", 600, 1), ("a", 660, 30), ("b", 660, 20), ("a", 720, 70), ("b", 720, 0)];
+    let values: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (c, m, age))| format!("('{c}', {m}, {i}, 'srv', subtractSeconds(now(), {age}), 1)"))
+        .collect();
+    ch.query(&format!(
+        "INSERT INTO {} (client_id, minute, token, owner, marked_at, pending) VALUES {}",
+        tables.rollup_queue,
+        values.join(", ")
+    ))
+    .execute()
+    .await
+    .unwrap();
+    let read = |quiet: u64| {
+        let (ch, sql) = (ch.clone(), pending_markers_sql(&tables));
+        async move {
+            let rows = ch
+                .query(&sql)
+                .bind("srv")
+                .bind(300)
+                .bind(10_000)
+                .bind(u32::MAX)
+                .bind(quiet)
+                .bind(0)
+                .bind(100)
+                .fetch_all::<QueueRow>()
+                .await
+                .unwrap();
+            rows.into_iter().map(|r| (r.client_id, r.minute)).collect::<std::collections::BTreeSet<_>>()
+        }
+    };
+    let pairs = |list: &[(&str, u32)]| list.iter().map(|(c, m)| ((*c).to_owned(), *m)).collect();
+    assert_eq!(
+        read(5).await,
+        pairs(&[("a", 660), ("b", 660), ("a", 720), ("b", 720)]),
+        "minute 600 waits for b; 660 is quiet; 720 waited long enough"
+    );
+    assert_eq!(read(0).await.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_minutes_are_answered_from_raw_rows_until_a_pass_folds_them() {
     // A server that never folds (rollup_after_secs far beyond any minute):
     // the live view is exact while readings_1m is still empty; a second
