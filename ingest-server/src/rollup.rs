@@ -398,19 +398,24 @@ fn bind_window(query: clickhouse::query::Query, flavor: Flavor, from_us: i64, to
 /// device repeating a timestamp) is recomputed by [`recompute_sql`].
 /// `FINAL` merges the parts row by row on one thread: 2.83 CPU s for 10M
 /// rows in 50 fresh parts on 18.16, against 1.15 s for this read (the
-/// `uniqExact` included; 0.80 s without it). Columns as [`FoldedGroup`].
+/// `uniqExact` included; 0.80 s without it). The set counts each time as
+/// its offset in the minute ([`Flavor::micros_in_minute`], 4 bytes instead
+/// of 8): with 50,000 readings per sensor and minute the sets outgrow the
+/// caches, and the read cost 1.65–1.77 s instead of 2.2 s (`FINAL` 2.5–2.8
+/// s). Columns as [`FoldedGroup`].
 /// Binds: each client id, then the window (see [`window_sql`]).
 #[must_use]
 pub fn fold_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String {
     let list = vec!["?"; clients].join(", ");
     format!(
         "SELECT client_id, sensor, toUInt32({minute}) AS minute, count() AS count, sum(value) AS sum,
-       avg(value) AS avg, min(value) AS min, max(value) AS max, uniqExact(ts) AS identities
+       avg(value) AS avg, min(value) AS min, max(value) AS max, uniqExact({offset}) AS identities
 FROM {readings}
 WHERE client_id IN ({list}) AND {window}
 GROUP BY client_id, sensor, minute",
         readings = tables.readings,
         minute = flavor.minute_of_ts(),
+        offset = flavor.micros_in_minute(),
         window = window_sql(flavor),
     )
 }

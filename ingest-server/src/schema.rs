@@ -52,6 +52,17 @@ impl Flavor {
         }
     }
 
+    /// SQL for "the microseconds of `ts` since its minute began", a
+    /// `UInt32`: within one minute it tells readings apart as `ts` does,
+    /// and a set of them takes half the memory.
+    #[must_use]
+    pub fn micros_in_minute(self) -> &'static str {
+        match self {
+            Self::Legacy => "toUInt32(ts % 60000000)",
+            Self::Current => "toUInt32(toUnixTimestamp64Micro(ts) % 60000000)",
+        }
+    }
+
     /// SQL turning a bound microsecond integer (`?`) into a value comparable with `ts`.
     #[must_use]
     pub fn ts_param(self) -> &'static str {
