@@ -27,8 +27,8 @@
 //!    exactly what `FINAL` would return, and is written as read; the
 //!    minutes of a group holding a copy not yet merged away are recomputed
 //!    from the deduplicated rows ([`recompute_sql`], `FINAL`: a merge of
-//!    the parts' sorted streams, row by row on one thread, 2.5 times the
-//!    cost of the fold's read). Then the pass inserts
+//!    the parts' sorted streams, row by row on one thread: 1.5 to 2.5
+//!    times the cost of the fold's read). Then the pass inserts
 //!    `pending = -observed` for exactly the markers it read. A marker is read
 //!    only after its readings were inserted, so the recompute saw them; a
 //!    marker written after the read keeps its minute pending for the next
@@ -804,7 +804,7 @@ pub struct Timing {
 pub const MAX_QUIET_WAIT_SECS: u64 = 60;
 
 /// The fold's `uniqExact` holds every reading time of its run in memory
-/// (about 50 bytes per row read, 18.16): beyond this much ClickHouse
+/// (20 to 50 bytes per row read on 18.16): beyond this much ClickHouse
 /// spills the aggregation to disk (measured to work on 18.16) rather than
 /// refusing a long run with a memory limit.
 const FOLD_SPILL_BYTES: &str = "1000000000";
