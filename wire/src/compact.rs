@@ -187,7 +187,14 @@ fn parse(body: &[u8]) -> Option<CompactBatch> {
     if !rest.0.is_empty() {
         return None;
     }
-    Some(CompactBatch { client_id: client_id.to_owned(), epoch, first_seq, last_seq, sensors: names.into_owned(), readings })
+    Some(CompactBatch {
+        client_id: client_id.to_owned(),
+        epoch,
+        first_seq,
+        last_seq,
+        sensors: names.into_owned(),
+        readings,
+    })
 }
 
 impl CompactBatch {
