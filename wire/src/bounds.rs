@@ -19,7 +19,7 @@
 use crate::DecodeError;
 
 /// Smallest encoding of one reading: sensor length (8) + ts (8) + value (8).
-const MIN_READING_BYTES: u64 = 24;
+pub(crate) const MIN_READING_BYTES: u64 = 24;
 /// Encoding of one `SeqRange`: epoch, first_seq, last_seq.
 const SEQ_RANGE_BYTES: u64 = 24;
 

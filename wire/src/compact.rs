@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use bincode::BorrowDecode;
 
 use crate::batch::{validate_header, with_body, BATCH_VERSION};
+use crate::bounds::MIN_READING_BYTES;
 use crate::error::{borrow_decode_exact, split_version};
 use crate::reading::{validate_measurement, validate_sensor};
 use crate::{Batch, DecodeError, Reading, SeqRange};
@@ -143,9 +144,6 @@ impl<'a> Rest<'a> {
     }
 }
 
-/// The smallest encoding of one reading (name length, ts, value).
-const MIN_READING_BYTES: usize = 24;
-
 /// One pass over an uncompressed batch body (the layout of [`Batch`]):
 /// the batch if the payload passes every rule [`CompactBatch::decode`]
 /// applies (then with the same result), `None` otherwise.
@@ -163,7 +161,7 @@ fn parse(body: &[u8]) -> Option<CompactBatch> {
     let client_id = std::str::from_utf8(rest.bytes()?).ok()?;
     let (epoch, first_seq, last_seq) = (rest.u64()?, rest.u64()?, rest.u64()?);
     let n = usize::try_from(rest.u64()?).ok()?;
-    if n > rest.0.len() / MIN_READING_BYTES {
+    if n as u64 > rest.0.len() as u64 / MIN_READING_BYTES {
         return None;
     }
     validate_header(client_id, first_seq, last_seq, n).ok()?;
@@ -171,8 +169,8 @@ fn parse(body: &[u8]) -> Option<CompactBatch> {
     let mut readings = Vec::with_capacity(n);
     for _ in 0..n {
         let name = rest.bytes()?;
-        let ts = i64::from_le_bytes(*rest.take(8)?.first_chunk::<8>()?);
-        let value = f64::from_le_bytes(*rest.take(8)?.first_chunk::<8>()?);
+        let ts = i64::from_le_bytes(rest.u64()?.to_le_bytes());
+        let value = f64::from_bits(rest.u64()?);
         validate_measurement(ts, value).ok()?;
         let sensor = match names.find(name) {
             Some(id) => id,
