@@ -17,11 +17,10 @@
 //!    device clock), written by this server or orphaned (unconsumed for
 //!    `rollup_orphan_secs` by ClickHouse's clock, e.g. written by a server
 //!    that is gone), of minutes *quiet* for `rollup_quiet_secs` (no newer
-//!    marker of any client: a backlog reaching a closed minute batch after batch is
-//!    folded once, not once per pass; [`MAX_QUIET_WAIT_SECS`] bounds the
-//!    wait). It folds
-//!    those minutes, all sensors, in a few bulk statements ([`plan`]):
-//!    each reads the raw rows *without* `FINAL`, per `(client, sensor,
+//!    marker of any client: a backlog reaching a closed minute batch after
+//!    batch is folded once, not once per pass; [`MAX_QUIET_WAIT_SECS`]
+//!    bounds the wait). It folds those minutes, all sensors, in a few bulk
+//!    statements ([`plan`]): each reads the raw rows *without* `FINAL`, per `(client, sensor,
 //!    minute)` the aggregates and the number of distinct identities
 //!    ([`fold_sql`]). A group whose rows hold every identity once is
 //!    exactly what `FINAL` would return, and is written as read; the
@@ -30,7 +29,7 @@
 //!    the parts' sorted streams, row by row on one thread: 1.5 to 2.5
 //!    times the cost of the fold's read). Then the pass inserts
 //!    `pending = -observed` for exactly the markers it read. A marker is read
-//!    only after its readings were inserted, so the recompute saw them; a
+//!    only after its readings were inserted, so the fold saw them; a
 //!    marker written after the read keeps its minute pending for the next
 //!    pass. Two servers consuming the same marker drive its sum below zero,
 //!    which still reads as "done" (tokens are never reused).
