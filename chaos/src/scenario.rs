@@ -1039,10 +1039,7 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                 .await??;
             tokio::time::sleep(form.kill_gap).await;
             let (url, path) = (pg_url.clone(), dump.display().to_string());
-            blocking(move || {
-                pg_tool_in("psql", &url, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", &path])
-            })
-            .await??;
+            let attempts = blocking(move || test_support::pg_restore(&url, &path).map_err(|e| anyhow!(e))).await??;
             // The agent sees it at its next commit (sensors keep sending).
             let seen_by = Instant::now() + Duration::from_secs(10);
             let mut rollbacks = 0.0;
@@ -1051,7 +1048,8 @@ async fn run_inner(env: &Env, fault: Fault) -> Result<Outcome> {
                 rollbacks = agent.metric("telemetry_agent_outbox_rollbacks_total").await.unwrap_or(0.0);
             }
             notes.push(format!(
-                "outbox restored from a {} s old dump; the agent saw {rollbacks} rollback(s)",
+                "outbox restored from a {} s old dump (restore attempts: {attempts}; one that deadlocks with the \
+                 agent is run again); the agent saw {rollbacks} rollback(s)",
                 form.kill_gap.as_secs()
             ));
             if rollbacks == 0.0 {

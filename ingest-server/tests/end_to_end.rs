@@ -118,10 +118,7 @@ async fn an_outbox_restored_from_an_older_dump_loses_nothing() {
     let drained = |agent: &Agent| agent.shared.outbox_size().0 == 0;
     let dump = std::env::temp_dir().join(format!("{}.sql", test_support::unique_name("outbox")));
     let dump_path = dump.to_str().expect("utf-8 path");
-    let restore = || {
-        test_support::pg_tool("psql", &pg, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", dump_path])
-            .expect("restore the dump")
-    };
+    let restore = || test_support::pg_restore(&pg, dump_path).expect("restore the dump");
 
     let agent = Agent::start(agent_config.clone(), CancellationToken::new()).await.expect("agent starts");
     let first_epoch = agent.epoch;

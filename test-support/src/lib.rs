@@ -186,6 +186,34 @@ pub fn pg_tool(tool: &str, url: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Attempts [`pg_restore`] makes before it gives up on deadlocks.
+const RESTORE_ATTEMPTS: u32 = 5;
+
+/// Restores the plain `pg_dump` file at `path` (made with `--clean`) into
+/// the database of `url` in one transaction, under whatever runs there;
+/// returns the attempts it took. The restore drops and recreates tables
+/// that a running agent is writing, and Postgres may break the resulting
+/// deadlock by aborting the restore (seen once in `scripts/chaos`, scenario
+/// `outbox-rollback`): the whole transaction rolls back, so it is run
+/// again, as an operator would, up to [`RESTORE_ATTEMPTS`] times.
+///
+/// # Errors
+/// `psql` failed for another reason, or deadlocked every time.
+pub fn pg_restore(url: &str, path: &str) -> Result<u32, String> {
+    let mut attempt = 1;
+    loop {
+        match pg_tool("psql", url, &["-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", path]) {
+            Ok(_) => return Ok(attempt),
+            Err(e) if e.contains("deadlock detected") && attempt < RESTORE_ATTEMPTS => {
+                eprintln!("restore of {path} deadlocked with a running client (attempt {attempt}); again");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Drops a database made by [`fresh_pg_database`] (given its connection
 /// string); best effort, for suites that clean up after themselves. Nothing
 /// may be connected to it any more.
