@@ -195,7 +195,7 @@ const RESTORE_ATTEMPTS: u32 = 5;
 /// that a running agent is writing, and Postgres may break the resulting
 /// deadlock by aborting the restore (seen once in `scripts/chaos`, scenario
 /// `outbox-rollback`): the whole transaction rolls back, so it is run
-/// again, as an operator would, up to [`RESTORE_ATTEMPTS`] times.
+/// again, as an operator would, up to `RESTORE_ATTEMPTS` (5) times.
 ///
 /// # Errors
 /// `psql` failed for another reason, or deadlocked every time.

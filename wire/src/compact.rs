@@ -13,7 +13,7 @@
 //! error (the same bincode decode with borrowed strings, the same rules in
 //! the same order; a property test compares both on arbitrary input).
 //!
-//! An uncompressed payload is first read in one pass by hand ([`parse`]),
+//! An uncompressed payload is first read in one pass by hand (`parse`),
 //! which accepts only what passes every one of those rules and otherwise
 //! gives up; the careful path (length checks, bincode, then the rules) then
 //! finds the exact error. The careful path walked each reading three times
