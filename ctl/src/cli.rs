@@ -42,8 +42,8 @@ globs).";
 
 /// Send remote commands to edge agents over MQTT and print their replies.
 ///
-/// Publishes one command (QoS 1) on <prefix>/cmd/<client_id> for each
-/// target, waits for the agents' replies on <prefix>/cmd-reply/<client_id>
+/// Publishes one command (QoS 1) on `<prefix>/cmd/<client_id>` for each
+/// target, waits for the agents' replies on `<prefix>/cmd-reply/<client_id>`
 /// until all have answered or --timeout has passed, and prints one line per
 /// agent. A command expires when the wait ends: an agent that gets it later
 /// ignores it.

@@ -7,7 +7,7 @@
 //!   There is no high-water mark anywhere: a batch whose first delivery
 //!   arrives after a later batch of the same client is not covered by
 //!   anything and is stored.
-//! - [`DedupState::claimed`] ⊇ [`DedupState::stored`]: a range is *claimed*
+//! - `DedupState::claimed` ⊇ `DedupState::stored`: a range is *claimed*
 //!   when a pending or in-flight insert will store it and *stored* once that
 //!   insert succeeded. Claims stop a second copy from being inserted while the
 //!   first is still in flight; a claim is released if its insert fails

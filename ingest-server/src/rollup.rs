@@ -402,7 +402,7 @@ fn bind_window(query: clickhouse::query::Query, flavor: Flavor, from_us: i64, to
 /// of 8): with 50,000 readings per sensor and minute the sets outgrow the
 /// caches, and the read cost 1.65–1.77 s instead of 2.2 s (`FINAL` 2.5–2.8
 /// s). Columns as [`FoldedGroup`].
-/// Binds: each client id, then the window (see [`window_sql`]).
+/// Binds: each client id, then the window (see `window_sql`).
 #[must_use]
 pub fn fold_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String {
     let list = vec!["?"; clients].join(", ");
@@ -488,7 +488,7 @@ pub struct RollupRow<'a> {
 /// The recompute, under `FINAL`, of every sensor of `clients` clients over
 /// a run of whole minutes: for the minutes whose raw rows [`fold_sql`]
 /// found an identity in twice. Binds: each client id, then the window (see
-/// [`window_sql`]).
+/// `window_sql`).
 #[must_use]
 pub fn recompute_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String {
     let list = vec!["?"; clients].join(", ");
@@ -509,7 +509,7 @@ GROUP BY client_id, sensor, m",
 /// One recompute statement's work: these clients over `[from, to)` minutes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
-    /// The devices (sorted, at most [`MAX_CLIENTS_PER_STATEMENT`]).
+    /// The devices (sorted, at most `MAX_CLIENTS_PER_STATEMENT` (1000)).
     pub clients: Vec<String>,
     /// First minute, Unix seconds.
     pub from: u32,
@@ -551,7 +551,7 @@ impl Span {
 
 /// Groups pending `(client, minute)` pairs into recompute statements, each
 /// reading only its own window, of at most a day:
-/// - minutes with the same set of clients at most [`MAX_GAP_SECS`] apart
+/// - minutes with the same set of clients at most `MAX_GAP_SECS` (an hour) apart
 ///   form one run (a replayed backlog of one device becomes one statement
 ///   per day);
 /// - the next minute joins a run with other clients if the run stays at

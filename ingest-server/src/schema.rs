@@ -214,7 +214,7 @@ fn created_table(statement: &str) -> Option<&str> {
 /// With [`Tables::cluster`] set, the cluster form of the same tables: the
 /// database `ON CLUSTER`, each table as a replicated `<name>_local` on every
 /// node plus a `Distributed` table under its own name
-/// ([`cluster_statements`]), and the view `ON CLUSTER` over the
+/// (`cluster_statements`), and the view `ON CLUSTER` over the
 /// `Distributed` tables.
 #[must_use]
 pub fn ddl(flavor: Flavor, tables: &Tables, retention_days: u32) -> Vec<String> {
