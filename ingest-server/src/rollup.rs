@@ -952,9 +952,10 @@ impl Roller {
             self.store.retry("readings_1m", || self.run_query(&sql, run).execute()).await?;
         }
         m.rollup_duplicate_minutes.inc_by(duplicated.len() as u64);
-        // Only now: every marker read was covered by a recompute that ran
-        // after it, and readers that chose the rollup's parts before the
-        // recompute have read the pending set (see CONSUME_DELAY).
+        // Only now: every marker read was covered by a fold (and, for a
+        // copy, a recompute) that ran after it, and readers that chose the
+        // rollup's parts before it have read the pending set (see
+        // CONSUME_DELAY).
         self.store.pause(self.timing.consume_delay).await?;
         self.store
             .retry("rollup_queue", || async {
