@@ -5,6 +5,7 @@
 //! fixed sets (never a client id).
 
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -79,6 +80,11 @@ pub struct Metrics {
     pub rollup_duplicate_minutes: Counter,
     /// Age of the oldest marker the last pass found pending, seconds (0: none).
     pub rollup_backlog_seconds: Gauge,
+    /// Unix time (seconds, fractional) at which the last readings INSERT
+    /// returned; 0 until the first. Freshness for an alert that also fires
+    /// when nothing is received, and the exact end of a burst for
+    /// `scripts/bench` (a counter polled every 50 ms overshoots it).
+    pub last_insert_timestamp_seconds: Gauge<f64, AtomicU64>,
     /// Insert tasks that failed (panicked); their claims were released.
     pub insert_task_failures: Counter,
     /// Stored messages not PUBACKed because their connection was gone.
@@ -150,6 +156,7 @@ impl Metrics {
             rollup_minutes: Counter::default(),
             rollup_duplicate_minutes: Counter::default(),
             rollup_backlog_seconds: Gauge::default(),
+            last_insert_timestamp_seconds: Gauge::default(),
             insert_task_failures: Counter::default(),
             stale_pubacks: Counter::default(),
             mqtt_sessions_lost: Counter::default(),
@@ -230,6 +237,11 @@ impl Metrics {
             "rollup_backlog_seconds",
             "Age of the oldest pending rollup marker at the last pass",
             m.rollup_backlog_seconds.clone(),
+        );
+        registry.register(
+            "last_insert_timestamp_seconds",
+            "Unix time the last readings INSERT returned (0: none since start)",
+            m.last_insert_timestamp_seconds.clone(),
         );
         registry.register(
             "insert_task_failures",

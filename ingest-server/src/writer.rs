@@ -247,6 +247,8 @@ impl Writer {
         }
         drop(permit);
         self.store.metrics().inserted_readings.inc_by(job.rows as u64);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        self.store.metrics().last_insert_timestamp_seconds.set(now.map_or(0.0, |d| d.as_secs_f64()));
         // Asked only now that the readings are in: see MarkLedger.
         let asked = tokio::time::Instant::now();
         let need = self.ledger.lock().unwrap_or_else(PoisonError::into_inner).to_mark(&touched, asked);

@@ -13,6 +13,9 @@ async fn happy_path_stores_each_reading_once_and_acks_exact_ranges() {
     let Some(world) = World::new() else { return };
     let server = Server::start(world.config()).await;
     let agent = Agent::connect(&world).await;
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    assert_eq!(server.metrics.last_insert_timestamp_seconds.get(), 0.0, "no insert yet");
+    let before = unix_now();
 
     let mut all = batches("dev-a", 7, 1, 1000, 200);
     all.extend(batches("dev-b", 9, 101, 500, 100));
@@ -35,6 +38,9 @@ async fn happy_path_stores_each_reading_once_and_acks_exact_ranges() {
     harness::wait_for("all acked", Duration::from_secs(10), || m.unacked_messages.get() == 0).await;
     assert_eq!(m.acked_messages.get(), all.len() as u64);
     assert!(m.render().contains("telemetry_ingest_inserted_readings_total 1500"));
+    let last = m.last_insert_timestamp_seconds.get();
+    assert!((before..=unix_now()).contains(&last), "last insert at {last}, run began at {before}");
+    assert!(m.render().contains("telemetry_ingest_last_insert_timestamp_seconds "));
     // Epoch and seq are kept with each reading.
     assert_eq!(
         world
