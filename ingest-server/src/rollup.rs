@@ -401,14 +401,14 @@ fn bind_window(query: clickhouse::query::Query, flavor: Flavor, from_us: i64, to
 /// its offset in the minute ([`Flavor::micros_in_minute`], 4 bytes instead
 /// of 8): with 50,000 readings per sensor and minute the sets outgrow the
 /// caches, and the read cost 1.65–1.77 s instead of 2.2 s (`FINAL` 2.5–2.8
-/// s). Columns as [`FoldedGroup`].
+/// s). Columns as [`RollupRow`], the distinct times in `version`.
 /// Binds: each client id, then the window (see `window_sql`).
 #[must_use]
 pub fn fold_sql(tables: &Tables, flavor: Flavor, clients: usize) -> String {
     let list = vec!["?"; clients].join(", ");
     format!(
         "SELECT client_id, sensor, toUInt32({minute}) AS minute, count() AS count, sum(value) AS sum,
-       avg(value) AS avg, min(value) AS min, max(value) AS max, uniqExact({offset}) AS identities
+       avg(value) AS avg, min(value) AS min, max(value) AS max, uniqExact({offset}) AS version
 FROM {readings}
 WHERE client_id IN ({list}) AND {window}
 GROUP BY client_id, sensor, minute",
@@ -419,16 +419,17 @@ GROUP BY client_id, sensor, minute",
     )
 }
 
-/// One group as [`fold_sql`] reads it.
-#[derive(Debug, Clone, Row, Deserialize, PartialEq)]
-pub struct FoldedGroup {
+/// A `readings_1m` row, as the fold reads it from [`fold_sql`] and, when
+/// [`RollupRow::is_exact`], writes it unchanged.
+#[derive(Debug, Clone, Row, Serialize, Deserialize, PartialEq)]
+pub struct RollupRow {
     /// The device.
     pub client_id: String,
     /// The sensor.
     pub sensor: String,
     /// Start of the minute, Unix seconds.
     pub minute: u32,
-    /// Raw rows read, copies included.
+    /// Raw rows read, copies included (readings, once exact).
     pub count: u64,
     /// Sum of their values.
     pub sum: f64,
@@ -438,51 +439,20 @@ pub struct FoldedGroup {
     pub min: f64,
     /// Their greatest value.
     pub max: f64,
-    /// Distinct reading times among them.
-    pub identities: u64,
-}
-
-impl FoldedGroup {
-    /// The exact `readings_1m` row, if the rows held every identity once;
-    /// otherwise `None` (recompute the minute under `FINAL`).
-    #[must_use]
-    pub fn exact(&self) -> Option<RollupRow<'_>> {
-        (self.count == self.identities).then_some(RollupRow {
-            client_id: &self.client_id,
-            sensor: &self.sensor,
-            minute: self.minute,
-            count: self.count,
-            sum: self.sum,
-            avg: self.avg,
-            min: self.min,
-            max: self.max,
-            version: self.count,
-        })
-    }
-}
-
-/// A `readings_1m` row as the fold writes it: `version = count` (point 3
-/// above).
-#[derive(Debug, Clone, Row, Serialize, PartialEq)]
-pub struct RollupRow<'a> {
-    /// The device.
-    pub client_id: &'a str,
-    /// The sensor.
-    pub sensor: &'a str,
-    /// Start of the minute, Unix seconds.
-    pub minute: u32,
-    /// Readings (distinct identities).
-    pub count: u64,
-    /// Sum of their values.
-    pub sum: f64,
-    /// Their mean.
-    pub avg: f64,
-    /// Least value.
-    pub min: f64,
-    /// Greatest value.
-    pub max: f64,
-    /// `count`: the most complete recompute wins.
+    /// As written, `count`: the most complete recompute wins (point 3
+    /// above). As read, the distinct reading times among the rows: equal
+    /// to `count` exactly when no identity was read twice, and then already
+    /// the version to write.
     pub version: u64,
+}
+
+impl RollupRow {
+    /// Whether the rows read held every identity once, so the row is
+    /// exact as read; otherwise recompute the minute under `FINAL`.
+    #[must_use]
+    pub fn is_exact(&self) -> bool {
+        self.count == self.version
+    }
 }
 
 /// The recompute, under `FINAL`, of every sensor of `clients` clients over
@@ -998,16 +968,16 @@ impl Roller {
                 let mut groups = self
                     .run_query(&sql, run)
                     .with_setting("max_bytes_before_external_group_by", FOLD_SPILL_BYTES)
-                    .fetch::<FoldedGroup>()?;
+                    .fetch::<RollupRow>()?;
                 let mut insert = None;
                 let mut duplicated = BTreeSet::new();
-                while let Some(group) = groups.next().await? {
-                    let Some(row) = group.exact() else {
-                        duplicated.insert((group.client_id.clone(), group.minute));
+                while let Some(row) = groups.next().await? {
+                    if !row.is_exact() {
+                        duplicated.insert((row.client_id, row.minute));
                         continue;
-                    };
+                    }
                     if insert.is_none() {
-                        insert = Some(client.insert_unescaped::<RollupRow<'_>>(&tables.readings_1m).await?);
+                        insert = Some(client.insert_unescaped::<RollupRow>(&tables.readings_1m).await?);
                     }
                     if let Some(insert) = insert.as_mut() {
                         insert.write(&row).await?;
@@ -1198,7 +1168,8 @@ mod tests {
 
     #[test]
     fn a_group_is_written_as_read_only_if_its_rows_hold_each_identity_once() {
-        let group = |count, identities| FoldedGroup {
+        // As read: `version` holds the distinct identities.
+        let group = |count, identities| RollupRow {
             client_id: "c".into(),
             sensor: "s".into(),
             minute: 60,
@@ -1207,13 +1178,13 @@ mod tests {
             avg: 2.0,
             min: 1.0,
             max: 3.0,
-            identities,
+            version: identities,
         };
-        let clean = group(3, 3);
-        let row = clean.exact().expect("no copy");
-        assert_eq!((row.client_id, row.sensor, row.minute), ("c", "s", 60));
+        let row = group(3, 3);
+        assert!(row.is_exact(), "no copy");
+        assert_eq!((row.client_id.as_str(), row.sensor.as_str(), row.minute), ("c", "s", 60));
         assert_eq!((row.count, row.sum, row.avg, row.min, row.max, row.version), (3, 6.0, 2.0, 1.0, 3.0, 3));
-        assert_eq!(group(3, 2).exact(), None, "a copy: the sums count it twice");
+        assert!(!group(3, 2).is_exact(), "a copy: the sums count it twice");
     }
 
     #[test]

@@ -1086,7 +1086,7 @@ fn current_clickhouse_schema_runs_in_chdb() {
     // identities), the third minute's do not.
     let mut fold = statements.clone();
     fold.push(format!(
-        "SELECT minute - {first_s}, count, sum, min, max, identities FROM ({}) ORDER BY minute",
+        "SELECT minute - {first_s}, count, sum, min, max, version FROM ({}) ORDER BY minute",
         substitute(
             &ingest_server::rollup::fold_sql(&tables, Flavor::Current, 1),
             &["'a'".to_owned(), lit(first), lit(first + 3 * minute)],
